@@ -1,0 +1,53 @@
+"""The interface every training backend implements: what a worker can be asked to do.
+
+One instance lives in each worker process (one per rank). Every rank receives the same
+operations in the same order; rank 0's return value is the answer. Arguments and results
+are plain Python values and tensors/arrays (see `engine.messages`). A method raises
+`engine.messages.UserError` when the request itself is wrong.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from engine.messages import OPS
+
+
+class TrainingBackend(ABC):
+    def run(self, op: str, args: dict[str, Any]) -> Any:
+        if op not in OPS:
+            raise ValueError(f"unknown worker operation {op!r}")
+        return getattr(self, op)(**args)
+
+    @abstractmethod
+    def model_infos(self) -> dict[str, dict[str, Any]]:
+        """Base model name -> {"vocab_size", "max_context", "eos_token_ids", "arch", "path"}."""
+
+    @abstractmethod
+    def create_adapter(self, model_id: str, base_model: str, rank: int, alpha: float, seed: int,
+                       train_attn: bool, train_mlp: bool, train_unembed: bool) -> dict[str, Any]:
+        """A fresh LoRA adapter (B = 0) with its own AdamW state."""
+
+    @abstractmethod
+    def remove_adapter(self, model_id: str) -> dict[str, Any]:
+        """Free the adapter's weights, gradients and optimizer state."""
+
+    @abstractmethod
+    def forward_backward(self, model_id: str, batch: dict[str, Any], loss_fn: str,
+                         loss_fn_config: dict[str, Any], forward_only: bool) -> dict[str, Any]:
+        """Per-datum outputs ({"logprobs", "elementwise_loss"}) and metrics; accumulates grads
+        unless `forward_only`. `batch` is a packed batch (see `backends.common.batch`)."""
+
+    @abstractmethod
+    def optim_step(self, model_id: str, adam: dict[str, float]) -> dict[str, Any]:
+        """One AdamW step on the accumulated gradients, then zero them; returns metrics."""
+
+    @abstractmethod
+    def save_for_sampler(self, model_id: str, sampler_key: str, path: str | None,
+                         meta: dict[str, Any] | None) -> dict[str, Any]:
+        """Freeze a snapshot of the adapter under `sampler_key`; with `path`, also write it
+        there atomically, with `meta` beside it."""
+
+    @abstractmethod
+    def sample(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generate for many requests at once; one result (or {"error", "category"}) each."""

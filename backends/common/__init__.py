@@ -1,0 +1,1 @@
+"""Pieces every backend shares: loss functions and the adapter optimizer."""

@@ -1,0 +1,148 @@
+"""Server configuration: one `Config` read from CLI flags, environment variables or YAML.
+
+Precedence: explicit flags > environment > YAML file > defaults. Variable names follow the
+original TinkerCloud description (TRAINING_HOST, TRAINING_PORT, TINKER_API_KEY,
+METADATA_DIR, FUTURES_DB_NAME, SUPPORTED_MODELS, ...) next to our own TINKERCLOUD_* ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_API_KEY = "tml-dev-key"
+EMBEDDED_MODEL_NAME = "tinkercloud/tiny-qwen3"
+BACKENDS = ("miles", "nemo_rl")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A base model the server trains and samples: its public name and HF checkpoint dir."""
+
+    name: str
+    path: str
+
+
+@dataclass
+class Config:
+    backend: str = "miles"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
+    data_dir: str = "./data"
+    futures_dir: str = ""  # empty: <data_dir>/futures (see `futures_path`)
+    models: tuple[ServedModel, ...] = ()  # empty: generate and serve the embedded tiny model
+    workers: int = 0  # 0: one per local GPU, or 1 CPU worker without GPUs
+    long_poll_seconds: float = 30.0
+    max_sample_batch_rows: int = 64
+    allow_partial_batches: bool = False
+    ray_address: str = ""
+    ray_namespace: str = "kgateway"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"TINKERCLOUD_BACKEND must be one of {BACKENDS}, got {self.backend!r}")
+        for key in self.api_keys:
+            if not key.startswith(("tml-", "eyJ")):
+                raise ValueError(f"API key {key[:6]!r}... must start with 'tml-': the tinker SDK refuses others")
+
+    @property
+    def futures_path(self) -> str:
+        return self.futures_dir or str(Path(self.data_dir) / "futures")
+
+    # ---- sources -------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Config":
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        return cls(**_coerce(raw))
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, base: "Config | None" = None) -> "Config":
+        env = dict(os.environ if env is None else env)
+        values = _as_dict(base) if base else {}
+        pick = {
+            "backend": env.get("TINKERCLOUD_BACKEND"),
+            "host": env.get("TINKERCLOUD_HOST") or env.get("TRAINING_HOST"),
+            "port": env.get("TINKERCLOUD_PORT") or env.get("TRAINING_PORT"),
+            "api_keys": env.get("TINKER_API_KEY"),
+            "data_dir": env.get("TINKERCLOUD_DATA_DIR"),
+            "workers": env.get("TINKERCLOUD_WORKERS"),
+            "models": env.get("TINKERCLOUD_MODELS") or env.get("SUPPORTED_MODELS"),
+            "allow_partial_batches": env.get("ALLOW_PARTIAL_BATCHES"),
+            "ray_address": env.get("RAY_ADDRESS"),
+            "ray_namespace": env.get("RAY_NAMESPACE"),
+        }
+        if env.get("METADATA_DIR") or env.get("FUTURES_DB_NAME"):
+            data_dir = pick["data_dir"] or values.get("data_dir") or Config.data_dir
+            meta = env.get("METADATA_DIR") or str(Path(data_dir) / "metadata")
+            pick["futures_dir"] = str(Path(meta) / env.get("FUTURES_DB_NAME", "futures.db"))
+        values.update(_coerce({k: v for k, v in pick.items() if v not in (None, "")}))
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "Config":
+        p = argparse.ArgumentParser(prog="tinkercloud", description="Self-hosted Tinker training server")
+        p.add_argument("--config", help="YAML file with Config fields")
+        p.add_argument("--host")
+        p.add_argument("--port", type=int)
+        p.add_argument("--backend", choices=BACKENDS)
+        p.add_argument("--data-dir")
+        p.add_argument("--workers", type=int, help="worker processes (tensor-parallel ranks); CPU workers without GPUs")
+        p.add_argument("--model", action="append", metavar="NAME=PATH", help="serve an HF checkpoint dir (repeatable)")
+        p.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
+        a = p.parse_args(argv)
+        base = cls.from_file(a.config) if a.config else None
+        cfg = cls.from_env(base=base)
+        flags = {
+            "host": a.host, "port": a.port, "backend": a.backend, "data_dir": a.data_dir,
+            "workers": a.workers, "models": ",".join(a.model) if a.model else None,
+            "api_keys": ",".join(a.api_key) if a.api_key else None,
+        }
+        values = _as_dict(cfg)
+        values.update(_coerce({k: v for k, v in flags.items() if v is not None}))
+        return cls(**values)
+
+
+def _as_dict(cfg: Config) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def parse_models(value) -> tuple[ServedModel, ...]:
+    """`NAME=PATH,...`, a JSON array of such strings / {"model_name", "path"} objects, or a list."""
+    if isinstance(value, str):
+        value = value.strip()
+        value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v.strip()]
+    out = []
+    for item in value:
+        if isinstance(item, ServedModel):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append(ServedModel(item.get("model_name") or item["name"], item["path"]))
+        else:
+            name, sep, path = str(item).partition("=")
+            out.append(ServedModel(name.strip(), path.strip()) if sep else ServedModel(Path(name).name, name.strip()))
+    return tuple(out)
+
+
+def _coerce(raw: dict) -> dict:
+    known = {f.name: f for f in fields(Config)}
+    out = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ValueError(f"unknown config field {key!r}")
+        if key == "models":
+            value = parse_models(value)
+        elif key == "api_keys":
+            value = tuple(k.strip() for k in (value.split(",") if isinstance(value, str) else value) if k.strip())
+        elif key in ("port", "workers", "max_sample_batch_rows"):
+            value = int(value)
+        elif key == "long_poll_seconds":
+            value = float(value)
+        elif key == "allow_partial_batches" and isinstance(value, str):
+            value = value.lower() in ("1", "true", "yes", "on")
+        out[key] = value
+    return out

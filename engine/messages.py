@@ -1,0 +1,55 @@
+"""The narrow waist: the only types the server process and the worker processes share.
+
+The server sends a `WorkItem` (an operation name and its arguments: plain Python values
+and numpy arrays) to every rank; rank 0 answers with one `WorkResult`. Arrays travel through
+shared memory (see `shm_queue`). Workers raise `UserError` for mistakes in the caller's
+input; anything else is reported as a server error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# The operations a worker understands; each is a method of `backends.base.TrainingBackend`.
+OPS = (
+    "create_adapter",
+    "remove_adapter",
+    "forward_backward",
+    "optim_step",
+    "save_for_sampler",
+    "sample",
+)
+
+
+class UserError(Exception):
+    """The request itself is wrong (bad token ids, unknown adapter, ...): category "user"."""
+
+
+@dataclass
+class WorkItem:
+    request_id: str
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WorkResult:
+    request_id: str
+    result: Any = None
+    error: str | None = None
+    category: str = "server"  # "user" | "server", meaningful when error is set
+
+
+@dataclass
+class WorkerReady:
+    """Sent once by rank 0 when every rank has built its models."""
+
+    models: dict[str, dict[str, Any]]  # base model name -> ModelInfo fields
+
+
+@dataclass
+class WorkerFailed:
+    """Sent by a rank whose start-up failed, just before it exits."""
+
+    rank: int
+    error: str

@@ -1,0 +1,147 @@
+"""The worker pool: starts torchrun-style worker processes and talks to them.
+
+One process per rank (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set for each,
+as torchrun would). `submit()` puts a `WorkItem` on every rank's shared-memory queue and
+returns an asyncio future for rank 0's `WorkResult`. A reader thread hands results to the
+event loop; a watcher thread notices a rank that dies, fails everything in flight with a
+clear server error and marks the pool unhealthy. The event loop never waits on a worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_sentinels
+from typing import Any
+
+from engine.messages import WorkerFailed, WorkerReady, WorkItem, WorkResult
+from engine.shm_queue import CONTEXT, ShmQueue
+
+log = logging.getLogger("tinkercloud.pool")
+
+
+@dataclass
+class WorkerSpec:
+    """What every worker needs to build its backend."""
+
+    backend: str
+    models: dict[str, str]  # base model name -> HF checkpoint dir
+    data_dir: str
+    world_size: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerPool:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.models: dict[str, dict[str, Any]] = {}
+        self.failure: str | None = None  # set once a rank has died
+        self._inbox = [ShmQueue(numpy_out=False) for _ in range(spec.world_size)]
+        self._outbox = ShmQueue(numpy_out=True)
+        self._procs: list = []
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future | None = None
+        self._stopping = False
+
+    # ---- life cycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        from engine import worker
+
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        port = _free_port()
+        for rank in range(self.spec.world_size):
+            env = {
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.spec.world_size),
+                "LOCAL_WORLD_SIZE": str(self.spec.world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            }
+            proc = CONTEXT.Process(
+                target=worker.main, args=(env, self.spec, self._inbox[rank], self._outbox),
+                name=f"tinkercloud-worker-{rank}", daemon=True,
+            )
+            proc.start()
+            self._procs.append(proc)
+        threading.Thread(target=self._read_results, name="pool-reader", daemon=True).start()
+        threading.Thread(target=self._watch_processes, name="pool-watcher", daemon=True).start()
+        self.models = await self._ready
+        log.info("worker pool ready: %d rank(s), models %s", self.spec.world_size, sorted(self.models))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for q in self._inbox:
+            q.put(WorkItem("", "shutdown"))
+        loop = asyncio.get_running_loop()
+        for proc in self._procs:
+            await loop.run_in_executor(None, proc.join, 10)
+            if proc.is_alive():
+                proc.kill()
+        for q in (*self._inbox, self._outbox):
+            q.close()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    # ---- requests ------------------------------------------------------------------------
+    def submit(self, item: WorkItem) -> asyncio.Future:
+        """Send `item` to every rank; the future resolves to rank 0's WorkResult."""
+        fut = self._loop.create_future()
+        if self.failure is not None:
+            fut.set_result(WorkResult(item.request_id, error=self.failure, category="server"))
+            return fut
+        self._inflight[item.request_id] = fut
+        for q in self._inbox:
+            q.put(item)
+        return fut
+
+    # ---- threads -------------------------------------------------------------------------
+    def _read_results(self) -> None:
+        while True:
+            try:
+                msg = self._outbox.get()
+            except (EOFError, OSError, ValueError):
+                return
+            self._loop.call_soon_threadsafe(self._on_message, msg)
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, WorkerReady):
+            if not self._ready.done():
+                self._ready.set_result(msg.models)
+        elif isinstance(msg, WorkerFailed):
+            self._on_failure(f"worker rank {msg.rank} failed to start: {msg.error}")
+        elif isinstance(msg, WorkResult):
+            fut = self._inflight.pop(msg.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def _watch_processes(self) -> None:
+        sentinels = {p.sentinel: p for p in self._procs}
+        dead = wait_for_sentinels(list(sentinels))
+        if self._stopping:
+            return
+        proc = sentinels[dead[0]]
+        proc.join(1)
+        rank = self._procs.index(proc)
+        self._loop.call_soon_threadsafe(self._on_failure, f"worker rank {rank} exited unexpectedly (exit code {proc.exitcode})")
+
+    def _on_failure(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            log.error("worker pool is down: %s", reason)
+        if not self._ready.done():
+            self._ready.set_exception(RuntimeError(reason))
+        for request_id, fut in list(self._inflight.items()):
+            if not fut.done():
+                fut.set_result(WorkResult(request_id, error=f"{reason}; the request was lost", category="server"))
+        self._inflight.clear()

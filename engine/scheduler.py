@@ -1,0 +1,136 @@
+"""The scheduler: decides when each accepted request runs on the worker pool.
+
+- Training requests of one model run strictly in `seq_id` order (1, 2, 3, ...), whatever
+  order they arrive in; a request whose seq_id was already accepted is the same request
+  (a retry) and gets the same future.
+- Everything else runs as soon as it arrives (the pool's queues are FIFO).
+- Sampling requests are batched: while one sampling batch runs on the workers, new ones
+  wait and then all go together (batching only under contention, no fixed clock).
+Results are encoded by the caller-supplied `encode` function and stored as futures.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from engine.futures import FutureStore
+from engine.messages import WorkItem, WorkResult
+from engine.pool import WorkerPool
+
+log = logging.getLogger("tinkercloud.scheduler")
+
+# encode(result) -> (payload, kind) where kind is "json" or "proto"
+Encoder = Callable[[Any], tuple[Any, str]]
+
+
+def as_json(result: Any) -> tuple[Any, str]:
+    return result, "json"
+
+
+@dataclass
+class _Job:
+    request_id: str
+    op: str
+    args: dict[str, Any]
+    encode: Encoder
+    rejection: str | None = None  # set: fail in order with this user error instead of running
+
+
+@dataclass
+class _ModelLane:
+    next_seq: int = 1
+    waiting: dict[int, _Job] = field(default_factory=dict)
+    accepted: dict[int, str] = field(default_factory=dict)  # seq_id -> request_id
+
+
+class Scheduler:
+    def __init__(self, pool: WorkerPool, futures: FutureStore, max_sample_rows: int = 64) -> None:
+        self.pool = pool
+        self.futures = futures
+        self.max_sample_rows = max_sample_rows
+        self._lanes: dict[str, _ModelLane] = {}
+        self._samples: list[tuple[_Job, int]] = []  # (job, rows) waiting for the next batch
+        self._sampling = False
+
+    # ---- submission ----------------------------------------------------------------------
+    def submit(self, op: str, args: dict[str, Any], encode: Encoder = as_json) -> str:
+        """Run as soon as possible; returns the future's request id."""
+        job = _Job(self.futures.create(), op, args, encode)
+        self._dispatch(job)
+        return job.request_id
+
+    def submit_ordered(self, model_id: str, seq_id: int, op: str, args: dict[str, Any],
+                       encode: Encoder = as_json, rejection: str | None = None) -> str:
+        """Run after every lower seq_id of `model_id`. A `rejection` takes its turn, then fails."""
+        lane = self._lanes.setdefault(model_id, _ModelLane())
+        if seq_id in lane.accepted:
+            return lane.accepted[seq_id]
+        job = _Job(self.futures.create(), op, args, encode, rejection)
+        lane.accepted[seq_id] = job.request_id
+        if seq_id < lane.next_seq:
+            self.futures.fail(job.request_id, f"seq_id {seq_id} of {model_id} is out of order: "
+                              f"requests up to {lane.next_seq - 1} have already run", "user")
+            return job.request_id
+        lane.waiting[seq_id] = job
+        while lane.next_seq in lane.waiting:
+            self._dispatch(lane.waiting.pop(lane.next_seq))
+            lane.next_seq += 1
+        return job.request_id
+
+    def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder) -> str:
+        job = _Job(self.futures.create(), "sample", args, encode)
+        self._samples.append((job, rows))
+        self._start_sampling()
+        return job.request_id
+
+    def forget_model(self, model_id: str) -> None:
+        self._lanes.pop(model_id, None)
+
+    def pending_models(self) -> dict[str, list[int]]:
+        """Model id -> seq_ids waiting for a lower one (for status pages and debugging)."""
+        return {m: sorted(l.waiting) for m, l in self._lanes.items() if l.waiting}
+
+    # ---- execution -----------------------------------------------------------------------
+    def _dispatch(self, job: _Job) -> None:
+        if job.rejection is not None:
+            self.futures.fail(job.request_id, job.rejection, "user")
+            return
+        fut = self.pool.submit(WorkItem(job.request_id, job.op, job.args))
+        fut.add_done_callback(lambda f: self._finish(job, f.result()))
+
+    def _finish(self, job: _Job, res: WorkResult) -> None:
+        if res.error is not None:
+            self.futures.fail(job.request_id, res.error, res.category)
+            return
+        try:
+            payload, kind = job.encode(res.result)
+        except Exception as e:  # noqa: BLE001 - an encoding bug must not leave the future pending
+            log.exception("encoding the result of %s failed", job.request_id)
+            self.futures.fail(job.request_id, f"could not encode the result: {e}", "server")
+            return
+        self.futures.complete(job.request_id, payload, kind)
+
+    def _start_sampling(self) -> None:
+        if self._sampling or not self._samples:
+            return
+        batch, rows = [], 0
+        while self._samples and (not batch or rows + self._samples[0][1] <= self.max_sample_rows):
+            job, n = self._samples.pop(0)
+            batch.append(job)
+            rows += n
+        self._sampling = True
+        item = WorkItem(batch[0].request_id + "+batch", "sample", {"requests": [j.args for j in batch]})
+        self.pool.submit(item).add_done_callback(lambda f: self._finish_sampling(batch, f.result()))
+
+    def _finish_sampling(self, batch: list[_Job], res: WorkResult) -> None:
+        self._sampling = False
+        for i, job in enumerate(batch):
+            if res.error is not None:
+                self._finish(job, res)
+            else:
+                one = res.result[i]
+                err = one.get("error") if isinstance(one, dict) else None
+                self._finish(job, WorkResult(job.request_id, error=err, category=one.get("category", "server"))
+                             if err else WorkResult(job.request_id, result=one))
+        self._start_sampling()

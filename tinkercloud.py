@@ -1,0 +1,88 @@
+"""TinkerCloud: a self-hosted server for the Tinker training API.
+
+`python tinkercloud.py [--host H] [--port P] [--workers N] [--model NAME=PATH ...]` starts one
+aiohttp process, which starts one worker process per local GPU (or N CPU workers over
+gloo) and serves the Tinker HTTP API that the unmodified `tinker` SDK talks to. With no
+model configured it generates and serves a tiny random-init Qwen3 model, so it works out
+of the box with no GPU and no download.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from engine.config import EMBEDDED_MODEL_NAME, Config, ServedModel
+from engine.futures import FutureStore
+from engine.pool import WorkerPool, WorkerSpec
+from engine.registry import Registry
+from engine.scheduler import Scheduler
+from handlers import routes
+from handlers.common import auth_middleware, errors_middleware
+from handlers.state import STATE, ServerState
+
+log = logging.getLogger("tinkercloud")
+ROOT = Path(__file__).resolve().parent
+MAX_BODY_BYTES = 512 * 1024 * 1024
+
+
+async def ensure_embedded_model(data_dir: str) -> ServedModel:
+    """Generate the tiny default model (real Qwen tokenizer, random weights) once."""
+    out = Path(data_dir).resolve() / "models" / "tiny-qwen3"
+    if not (out / "config.json").is_file():
+        log.info("no model configured: generating the embedded tiny Qwen3 model in %s", out)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(out), "--arch", "qwen3")
+        if await proc.wait() != 0:
+            raise RuntimeError("generating the embedded model failed (see the output above)")
+    return ServedModel(EMBEDDED_MODEL_NAME, str(out))
+
+
+def world_size(config: Config) -> int:
+    if config.workers > 0:
+        return config.workers
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware, auth_middleware],
+                          handler_args={"auto_decompress": False})
+    app.add_routes(routes())
+
+    async def engine(app: web.Application) -> AsyncIterator[None]:
+        models = list(config.models) or [await ensure_embedded_model(config.data_dir)]
+        spec = WorkerSpec(config.backend, {m.name: str(Path(m.path).resolve()) for m in models},
+                          str(Path(config.data_dir).resolve()), world_size(config))
+        pool = WorkerPool(spec)
+        futures = FutureStore(config.futures_path)
+        try:
+            await pool.start()
+            infos = {name: {**info, "tokenizer_id": info["path"] if not config.models else name}
+                     for name, info in pool.models.items()}
+            app[STATE] = ServerState(config, pool, futures, Scheduler(pool, futures, config.max_sample_batch_rows),
+                                     Registry(config.data_dir), infos)
+            log.info("serving %s on http://%s:%d with %d worker(s) (%s backend)",
+                     ", ".join(sorted(infos)), config.host, config.port, spec.world_size, config.backend)
+            yield
+        finally:
+            await pool.stop()
+            futures.close()
+
+    app.cleanup_ctx.append(engine)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = Config.from_args(argv)
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+
+
+if __name__ == "__main__":
+    main()
