@@ -1,0 +1,435 @@
+"""KV-cache sampler (backends/miles/sampler.py) against full-forward recompute of a tiny GPTModel.
+
+megatron-core's parallel state is process-global, so the model work runs in fresh
+subprocesses (this file doubles as the worker script): one TP=1 process runs every
+single-process scenario and saves its weights; then two gloo processes run the same specs
+at TP=2 on slices of exactly those weights. The pytest functions only compare the JSON the
+workers write.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 1000
+MAX_LEN = 64
+
+
+# ---------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------
+def _build_model(share_embeddings: bool = False):
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+        ffn_hidden_size=192, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, params_dtype=torch.float32, layernorm_epsilon=1e-6,
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=False,
+    )
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    return GPTModel(
+        cfg, spec, vocab_size=VOCAB, max_sequence_length=MAX_LEN, position_embedding_type="rope",
+        rotary_base=1e6, share_embeddings_and_output_weights=share_embeddings,
+    )
+
+
+def _randomise(model, seed: int) -> None:
+    """Perturb the (near-uniform) default init so the model has peaked, seed-fixed outputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _full_logprobs(model, tokens):
+    """Full-forward log-softmax [len(tokens), VOCAB] (gathered across TP)."""
+    import torch
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    s = len(tokens)
+    with torch.inference_mode():
+        logits = model(
+            torch.tensor([tokens]), torch.arange(s)[None], torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]
+        )
+        logits = gather_from_tensor_model_parallel_region(logits)[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _result_json(res):
+    return [
+        {
+            "seqs": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop": s.stop_reason} for s in r.sequences],
+            "prompt_logprobs": r.prompt_logprobs,
+        }
+        for r in res
+    ]
+
+
+PROMPTS = [[5, 17, 300, 42, 7], [901, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [640]]
+
+
+def _mixed_specs():
+    """Specs with different lengths and parameters, used for batching and TP checks."""
+    from backends.miles.sampler import SampleSpec
+
+    return [
+        SampleSpec(PROMPTS[0], num_samples=2, max_tokens=9, temperature=1.0, seed=11, prompt_logprobs=True),
+        SampleSpec(PROMPTS[1], num_samples=3, max_tokens=5, temperature=0.7, top_k=20, seed=12),
+        SampleSpec(PROMPTS[2], num_samples=1, max_tokens=12, temperature=0.0, prompt_logprobs=True),
+        SampleSpec(PROMPTS[3], num_samples=2, max_tokens=7, temperature=1.3, top_p=0.8, seed=13),
+    ]
+
+
+def _scenario_tp1(out_dir: Path) -> dict:
+    import time
+
+    import torch
+
+    from backends.miles.sampler import SampleSpec, generate
+
+    model = _build_model()
+    _randomise(model, 1234)
+    torch.save(model.state_dict(), out_dir / "weights.pt")
+    out: dict = {}
+
+    # (1) greedy == step-by-step argmax of full-forward recompute (+ model logprobs)
+    prompt = PROMPTS[0]
+    r = generate(model, [SampleSpec(prompt, max_tokens=12, temperature=0.0)])[0].sequences[0]
+    seq, ref_tok, ref_lp = list(prompt), [], []
+    for _ in range(12):
+        lp = _full_logprobs(model, seq)[-1]
+        t = int(lp.argmax())
+        ref_tok.append(t)
+        ref_lp.append(float(lp[t]))
+        seq.append(t)
+    out["greedy"] = {"got": r.tokens, "got_lp": r.logprobs, "ref": ref_tok, "ref_lp": ref_lp, "stop": r.stop_reason}
+
+    # (2) temperature 1: logprobs and prompt logprobs == full forward's log-softmax
+    res = generate(model, [SampleSpec(prompt, max_tokens=15, temperature=1.0, seed=5, prompt_logprobs=True)])[0]
+    toks = res.sequences[0].tokens
+    full = prompt + toks
+    lp = _full_logprobs(model, full)
+    ref = [float(lp[i - 1, full[i]]) for i in range(1, len(full))]
+    out["t1"] = {
+        "tokens": toks,
+        "got_lp": res.sequences[0].logprobs,
+        "ref_lp": ref[len(prompt) - 1 :],
+        "got_plp": res.prompt_logprobs,
+        "ref_plp": ref[: len(prompt) - 1],
+    }
+
+    # (3) batched == each alone; (7) baseline for TP=2
+    specs = _mixed_specs()
+    together = generate(model, specs)
+    alone = [generate(model, [s])[0] for s in specs]
+    small = generate(model, specs, max_batch_rows=3)  # rows of one spec split across chunks
+    out["batch"] = {"together": _result_json(together), "alone": _result_json(alone), "small": _result_json(small)}
+
+    # (4) seeds
+    seeded = [SampleSpec(PROMPTS[1], max_tokens=20, temperature=1.0, seed=s) for s in (7, 7, 8)]
+    out["seeds"] = [r.sequences[0].tokens for r in generate(model, seeded)]
+    multi = generate(model, [SampleSpec(PROMPTS[1], num_samples=4, max_tokens=20, seed=7)])[0]
+    out["seeds_multi"] = [s.tokens for s in multi.sequences]
+
+    # (5) stops
+    decode = lambda ts: " ".join(map(str, ts))  # noqa: E731
+    g = generate(model, [SampleSpec(PROMPTS[2], max_tokens=20, temperature=0.0)])[0].sequences[0]
+    stop_tok = g.tokens[4]
+    stop_str = " ".join(map(str, g.tokens[2:4]))
+    res = generate(
+        model,
+        [
+            SampleSpec(PROMPTS[2], max_tokens=20, temperature=0.0, stop_token_ids=(stop_tok, VOCAB + 5)),
+            SampleSpec(PROMPTS[2], max_tokens=20, temperature=0.0, stop_strings=(stop_str, "no such thing")),
+            SampleSpec(PROMPTS[2], max_tokens=20, temperature=0.0),
+            SampleSpec(PROMPTS[2], max_tokens=3, temperature=0.0, stop_token_ids=(stop_tok,)),
+        ],
+        decode=decode,
+    )
+    out["stops"] = {
+        "greedy": g.tokens,
+        "greedy_stop": g.stop_reason,
+        "stop_tok": stop_tok,
+        "stop_str": stop_str,
+        "results": _result_json(res),
+    }
+
+    # (6) top_k=1 == greedy, whatever the temperature and seed
+    res = generate(
+        model,
+        [SampleSpec(PROMPTS[2], max_tokens=20, temperature=t, top_k=1, seed=s) for t, s in ((1.0, 1), (2.0, 2))]
+        + [SampleSpec(PROMPTS[2], max_tokens=20, temperature=1.0, top_p=1e-6, seed=3)],
+    )
+    out["topk1"] = [r.sequences[0].tokens for r in res] + [[x for x in r.sequences[0].logprobs] for r in res]
+
+    # context limit: never past max_sequence_length
+    long_prompt = list(range(1, MAX_LEN - 3))
+    r = generate(model, [SampleSpec(long_prompt, max_tokens=10, temperature=0.0)])[0].sequences[0]
+    out["ctx"] = {"n": len(r.tokens), "stop": r.stop_reason}
+    r = generate(model, [SampleSpec([1, 2], max_tokens=0)])[0].sequences[0]
+    out["zero"] = {"n": len(r.tokens), "stop": r.stop_reason}
+
+    # route: called with one adapter name per batch row
+    calls = []
+
+    def route(rows):
+        import contextlib
+
+        calls.append(list(rows))
+        return contextlib.nullcontext()
+
+    generate(
+        model,
+        [SampleSpec([1, 2, 3], num_samples=2, max_tokens=3, adapter="a"), SampleSpec([4], max_tokens=2, adapter="b")],
+        route=route,
+    )
+    out["route"] = calls
+
+    # shared input/output embeddings
+    shared = _build_model(share_embeddings=True)
+    _randomise(shared, 99)
+    r = generate(shared, [SampleSpec(prompt, max_tokens=8, temperature=0.0)])[0].sequences[0]
+    seq, ref_tok = list(prompt), []
+    for _ in range(8):
+        t = int(_full_logprobs(shared, seq)[-1].argmax())
+        ref_tok.append(t)
+        seq.append(t)
+    out["shared"] = {"got": r.tokens, "ref": ref_tok}
+
+    # baseline for the TP=2 weight check
+    full = PROMPTS[0] + [1, 2, 3, 4]
+    lp = _full_logprobs(model, full)
+    out["tp1_full_lp"] = [float(lp[i - 1, full[i]]) for i in range(1, len(full))]
+
+    # timing: 8 rows x 32 new tokens
+    bench = [SampleSpec([3, 1, 4, 1, 5, 9, 2, 6], max_tokens=32, seed=i) for i in range(8)]
+    generate(model, bench[:1])
+    t0 = time.perf_counter()
+    generate(model, bench)
+    out["tok_per_s"] = 8 * 32 / (time.perf_counter() - t0)
+    return out
+
+
+def _load_tp_slices(model, full_sd: dict, rank: int, tp: int) -> None:
+    """Copy this rank's slices of a TP=1 state dict into a TP=`tp` model."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            src = full_sd[name]
+            if src.shape == p.shape:
+                p.copy_(src)
+                continue
+            dim = next(d for d in range(p.dim()) if p.shape[d] != src.shape[d])
+            if name.endswith("mlp.linear_fc1.weight"):  # [gate; up], each split across ranks
+                parts = [c.chunk(tp, dim=0)[rank] for c in src.chunk(2, dim=0)]
+                p.copy_(torch.cat(parts, dim=0))
+            else:
+                p.copy_(src.chunk(tp, dim=dim)[rank])
+
+
+def _scenario_tp2(out_dir: Path) -> dict:
+    import torch
+
+    from backends.miles.parallel import tp_rank
+    from backends.miles.sampler import generate
+
+    model = _build_model()
+    _load_tp_slices(model, torch.load(out_dir / "weights.pt"), tp_rank(), 2)
+    full = PROMPTS[0] + [1, 2, 3, 4]
+    lp = _full_logprobs(model, full)
+    return {
+        "full_lp": [float(lp[i - 1, full[i]]) for i in range(1, len(full))],
+        "batch": _result_json(generate(model, _mixed_specs())),
+    }
+
+
+def _worker(scenario: str, out_dir: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from backends.miles.parallel import ParallelDims, init_distributed
+
+    out = Path(out_dir)
+    init_distributed(ParallelDims(tp=int(os.environ["WORLD_SIZE"])), seed=1)
+    result = _scenario_tp1(out) if scenario == "tp1" else _scenario_tp2(out)
+    rank = int(os.environ["RANK"])
+    (out / f"{scenario}.rank{rank}.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------
+# pytest side
+# ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(scenario: str, world: int, out_dir: Path, timeout: float = 120) -> list[dict]:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1" if world > 1 else "2",
+                   PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(out_dir)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, f"{scenario} worker failed:\n{text[-4000:]}"
+    return [json.loads((out_dir / f"{scenario}.rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("sampler")
+    tp1 = _launch("tp1", 1, out_dir)[0]
+    return {"dir": out_dir, "tp1": tp1}
+
+
+def _close(a, b, tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, float) and math.isnan(x):
+            assert isinstance(y, float) and math.isnan(y)
+        else:
+            assert abs(x - y) <= tol, (a, b)
+
+
+def test_greedy_matches_full_recompute(runs):
+    g = runs["tp1"]["greedy"]
+    assert g["got"] == g["ref"]
+    assert g["stop"] == "length"
+    _close(g["got_lp"], g["ref_lp"], 1e-4)
+    s = runs["tp1"]["shared"]
+    assert s["got"] == s["ref"]
+
+
+def test_logprobs_match_full_forward(runs):
+    t = runs["tp1"]["t1"]
+    assert len(t["tokens"]) == 15
+    _close(t["got_lp"], t["ref_lp"], 1e-4)
+    assert math.isnan(t["got_plp"][0])
+    assert len(t["got_plp"]) == len(PROMPTS[0])
+    _close(t["got_plp"][1:], t["ref_plp"], 1e-4)
+
+
+def test_batching_does_not_change_results(runs):
+    b = runs["tp1"]["batch"]
+    for together in (b["together"], b["small"]):
+        for x, y in zip(together, b["alone"]):
+            assert [s["tokens"] for s in x["seqs"]] == [s["tokens"] for s in y["seqs"]]
+            assert [s["stop"] for s in x["seqs"]] == [s["stop"] for s in y["seqs"]]
+            for sx, sy in zip(x["seqs"], y["seqs"]):
+                _close(sx["logprobs"], sy["logprobs"], 1e-4)  # fp32 noise of other batch shapes
+            if y["prompt_logprobs"] is None:
+                assert x["prompt_logprobs"] is None
+            else:
+                _close(x["prompt_logprobs"], y["prompt_logprobs"], 1e-4)
+    # each row honours its own spec: max_tokens, sample count
+    want = [(2, 9), (3, 5), (1, 12), (2, 7)]
+    for r, (n, m) in zip(b["together"], want):
+        assert len(r["seqs"]) == n
+        assert all(len(s["tokens"]) == m and s["stop"] == "length" for s in r["seqs"])
+    assert b["together"][1]["prompt_logprobs"] is None
+
+
+def test_seeds(runs):
+    a, b, c = runs["tp1"]["seeds"]
+    assert a == b
+    assert a != c
+    multi = runs["tp1"]["seeds_multi"]
+    assert multi[0] == a  # sample 0 of seed 7 is the same draw as a single sample of seed 7
+    assert len({tuple(m) for m in multi}) == 4  # samples of one spec differ
+
+
+def test_stops(runs):
+    s = runs["tp1"]["stops"]
+    greedy, tok_res, str_res, none_res, short_res = s["greedy"], *s["results"]
+    assert s["greedy_stop"] == "length" and len(greedy) == 20
+    # stop token: ends at its first occurrence, token included
+    k = greedy.index(s["stop_tok"]) + 1
+    assert tok_res["seqs"][0]["tokens"] == greedy[:k]
+    assert tok_res["seqs"][0]["stop"] == "stop"
+    # stop string: ends at the first token whose decoded text contains it, token included
+    k = next(i for i in range(1, 21) if s["stop_str"] in " ".join(map(str, greedy[:i])))
+    assert k <= 4
+    assert str_res["seqs"][0]["tokens"] == greedy[:k]
+    assert str_res["seqs"][0]["stop"] == "stop"
+    # () never stops early
+    assert none_res["seqs"][0]["tokens"] == greedy and none_res["seqs"][0]["stop"] == "length"
+    # max_tokens reached before the stop token
+    if s["stop_tok"] not in greedy[:3]:
+        assert short_res["seqs"][0]["tokens"] == greedy[:3] and short_res["seqs"][0]["stop"] == "length"
+
+
+def test_top_k_1_is_greedy(runs):
+    t = runs["tp1"]["topk1"]
+    greedy = runs["tp1"]["stops"]["greedy"]
+    assert t[0] == greedy and t[1] == greedy and t[2] == greedy
+    # drawn from a one-token distribution: logprob 0
+    for lps in t[3:]:
+        assert all(abs(x) < 1e-6 for x in lps)
+
+
+def test_context_limit_and_zero_tokens(runs):
+    assert runs["tp1"]["ctx"] == {"n": 4, "stop": "length"}
+    assert runs["tp1"]["zero"] == {"n": 0, "stop": "length"}
+
+
+def test_route_gets_one_adapter_per_row(runs):
+    calls = runs["tp1"]["route"]
+    # prefill: one row per distinct prompt (shortest first); then decode rows
+    assert calls[0] == ["b", "a"]
+    assert ["b", "a", "a"] in calls
+    assert calls[-1] == ["a", "a"]
+    assert all(c for c in calls)
+
+
+def test_tp2_matches_tp1(runs):
+    tp2 = _launch("tp2", 2, runs["dir"])
+    tp1 = runs["tp1"]
+    for rank_out in tp2:
+        _close(rank_out["full_lp"], tp1["tp1_full_lp"], 1e-5)  # the weights really are the same
+        for x, y in zip(rank_out["batch"], tp1["batch"]["together"]):
+            assert [s["tokens"] for s in x["seqs"]] == [s["tokens"] for s in y["seqs"]]
+            for sx, sy in zip(x["seqs"], y["seqs"]):
+                _close(sx["logprobs"], sy["logprobs"], 1e-5)
+            if y["prompt_logprobs"] is not None:
+                _close(x["prompt_logprobs"], y["prompt_logprobs"], 1e-5)
+    assert tp2[0]["batch"] == tp2[1]["batch"]  # every rank returns the same thing
+
+
+def test_report_speed(runs, capsys):
+    with capsys.disabled():
+        print(f"\nsampler: {runs['tp1']['tok_per_s']:.0f} tokens/s (8 rows x 32 new tokens, tiny model, TP=1)")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
