@@ -140,7 +140,7 @@ class _Runner:
         self.scale = cfg.softmax_scale if getattr(cfg, "softmax_scale", None) else 1.0 / math.sqrt(head_dim)
         self.output_gate = bool(getattr(cfg, "attention_output_gate", False))
         self.max_len = int(getattr(model, "max_sequence_length", 1 << 30))
-        self.vocab_size = int(model.vocab_size)
+        self.vocab_size = int(getattr(model, "unpadded_vocab_size", model.vocab_size))
         self.use_rope = getattr(model, "position_embedding_type", "rope") == "rope"
         self.rope_table = None
         if self.use_rope:
@@ -183,6 +183,9 @@ class _Runner:
         logits, _ = self.model.output_layer(h, weight=self.out_weight)
         if not self.gather_output:
             logits = self._gather(logits)
+        real = getattr(self.model, "unpadded_vocab_size", None)  # rows added only to divide by tp
+        if real is not None and real < logits.shape[-1]:
+            logits = logits[..., :real]
         return logits.float()
 
     def forward(self, tokens, pos, caches, col0, key_ok):

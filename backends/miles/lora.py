@@ -1,0 +1,385 @@
+"""Multi-tenant LoRA on megatron-core's tensor-parallel linear layers.
+
+`LoraManager` wraps the target linears of a GPTModel once; any number of named adapters can
+then be added, loaded, cloned and removed, and `route` says which adapter each batch row
+uses, so one forward pass can serve rows of different adapters. The LoRA term is computed
+per group of rows that share an adapter: cost grows with the adapters present in a batch,
+not with the number loaded. Gradients accumulate in `.grad` across calls; nothing here
+zeroes them.
+
+Tensor parallelism (tp ranks; y = W x + scale * B A x, scale = alpha / rank):
+- Column-parallel (`linear_qkv`, `linear_fc1`, `output_layer`): A (r x in) is whole on every
+  rank, B is split by output rows exactly like the base weight. h = A x goes through
+  `copy_to_tensor_model_parallel_region` (identity forward, all-reduce backward), so A's
+  gradient is the full sum and identical on every rank.
+- Row-parallel (`linear_proj`, `linear_fc2`): A is split by input columns like the base
+  weight, B is whole. h = all-reduce(A_k x_k) (one r-wide all-reduce), then B h is added to
+  the base layer's (already reduced) output.
+
+Full layout of the factors (what `gather_full_state` returns and `shard_full_state` takes),
+in Hugging Face order so an adapter exports to PEFT by splitting B and repeating A:
+- `linear_qkv`: A (r, hidden); B (q_dim + 2 kv_dim, r) = [B_q; B_k; B_v] for HF q_proj,
+  k_proj, v_proj. Rank k holds the rows of its KV groups, interleaved like the base weight
+  (see `hf_checkpoint.qkv_shard`).
+- `linear_fc1`: A (r, hidden); B (2 ffn, r) = [B_gate; B_up]; rank k holds
+  [gate shard k; up shard k].
+- `output_layer`: A (r, hidden); B (padded vocab, r), vocab rows split contiguously; rows past
+  the HF vocabulary are dropped on export.
+- `linear_proj` (o_proj): A (r, heads * head_dim), B (hidden, r); A's columns split contiguously.
+- `linear_fc2` (down_proj): A (r, ffn), B (hidden, r); A's columns split contiguously.
+
+State dicts are keyed `<module path>.lora_A` / `.lora_B`, e.g.
+`decoder.layers.0.self_attention.linear_qkv.lora_B`. Wrapping moves a target's base weight
+from `<path>.weight` to `<path>.base.weight`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from torch import nn
+
+from backends.miles.hf_checkpoint import gate_up_shard, qkv_shard
+from backends.miles.parallel import tp_rank, tp_size
+
+TARGET_GROUPS = {
+    "linear_qkv": "attn",
+    "linear_proj": "attn",
+    "linear_fc1": "mlp",
+    "linear_fc2": "mlp",
+    "output_layer": "unembed",
+}
+FACTOR_DTYPE = torch.float32
+
+
+class LoraFactors(nn.Module):
+    """One adapter's factors on one layer (this rank's shards) and its scale alpha / rank."""
+
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, trainable: bool):
+        super().__init__()
+        self.lora_A = nn.Parameter(lora_A, requires_grad=trainable)
+        self.lora_B = nn.Parameter(lora_B, requires_grad=trainable)
+        self.scale = scale
+
+
+class LoraLinear(nn.Module):
+    """An mcore Column/RowParallelLinear plus any number of named LoRA adapters.
+
+    Same forward signature and `(output, bias)` result as the wrapped layer. Which adapter
+    applies to which batch row (dim 1 of the [s, b, h] input) is set by `LoraManager.route`;
+    outside `route` the layer is the plain base layer.
+
+    `b_rows_by_rank` (column-parallel only): for each tp rank, the rows of the full B that
+    rank holds, in its local order.
+    """
+
+    def __init__(
+        self,
+        base: ColumnParallelLinear | RowParallelLinear,
+        device: torch.device,
+        b_rows_by_rank: list[torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.base = base
+        self.device = device  # where the factors live: the model's device
+        self.column_parallel = isinstance(base, ColumnParallelLinear)
+        if base.sequence_parallel:
+            raise ValueError("LoRA with sequence parallelism is not supported")
+        if not self.column_parallel and not base.input_is_parallel:
+            raise ValueError("LoRA on a RowParallelLinear needs input_is_parallel=True")
+        if self.column_parallel and len(b_rows_by_rank) != tp_size():
+            raise ValueError("a column-parallel LoraLinear needs B's row layout for every tp rank")
+        self.b_rows_by_rank = b_rows_by_rank
+        self.adapters: dict[str, LoraFactors] = {}  # not registered: the model's own state stays the base
+        self.routing: tuple[int, list[tuple[str, torch.Tensor | None]]] | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)  # mcore reads attributes such as `sequence_parallel`
+
+    # --- factors ---------------------------------------------------------------------------
+    def is_sharded(self, factor: str) -> bool:
+        """Whether `lora_A` / `lora_B` is split over tp ranks (else replicated)."""
+        return factor == ("lora_B" if self.column_parallel else "lora_A")
+
+    def local_shape(self, factor: str, rank: int) -> tuple[int, int]:
+        """The shape of this rank's part of a factor."""
+        if factor == "lora_A":
+            return (rank, self.base.input_size if self.column_parallel else self.base.input_size_per_partition)
+        return (self.base.output_size_per_partition if self.column_parallel else self.base.output_size, rank)
+
+    def shard(self, factor: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a factor given in full layout."""
+        if not self.is_sharded(factor):
+            return full
+        if self.column_parallel:
+            return full[self.b_rows_by_rank[tp_rank()].to(full.device)]
+        n = self.base.input_size_per_partition
+        return full[:, tp_rank() * n : (tp_rank() + 1) * n]
+
+    def unshard(self, factor: str, local: torch.Tensor) -> torch.Tensor:
+        """The full layout of a factor from every rank's part (collective over tp ranks)."""
+        if not self.is_sharded(factor):
+            return local
+        shards = _all_gather_tp(local)
+        if not self.column_parallel:
+            return torch.cat(shards, dim=1)
+        full = local.new_empty(self.base.output_size, local.shape[1])
+        for rows, shard in zip(self.b_rows_by_rank, shards):
+            full[rows.to(full.device)] = shard
+        return full
+
+    def new_adapter(self, name: str, rank: int, scale: float, generator: torch.Generator) -> None:
+        """B = 0 (an exact no-op); A kaiming-uniform like PEFT, drawn in full shape then sharded."""
+        lora_A = torch.empty(rank, self.base.input_size, dtype=FACTOR_DTYPE)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
+        lora_B = torch.zeros(self.local_shape("lora_B", rank), dtype=FACTOR_DTYPE)
+        self.set_adapter(name, self.shard("lora_A", lora_A), lora_B, scale)
+
+    def set_adapter(
+        self, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, trainable: bool = True
+    ) -> None:
+        """Install (or replace) an adapter from copies of this rank's factors (shapes as `local_shape`)."""
+        lora_A, lora_B = (x.detach().to(self.device, FACTOR_DTYPE, copy=True) for x in (lora_A, lora_B))
+        self.adapters[name] = LoraFactors(lora_A, lora_B, scale, trainable)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        active = self._active_adapters(input_)
+        if not active:
+            return self.base(input_, *args, **kwargs)
+        if self.column_parallel:
+            return self._column_forward(input_, active, *args, **kwargs)
+        output, bias = self.base(input_, *args, **kwargs)
+        for factors, rows in active:
+            h = reduce_from_tensor_model_parallel_region(_rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t())
+            output = _add_rows(output, rows, factors.scale * (h @ factors.lora_B.t()))
+        return output, bias
+
+    def _column_forward(self, input_, active, weight=None, runtime_gather_output=None):
+        gather = self.base.gather_output if runtime_gather_output is None else runtime_gather_output
+        output, bias = self.base(input_, weight, runtime_gather_output=False)
+        for factors, rows in active:
+            h = copy_to_tensor_model_parallel_region(_rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t())
+            output = _add_rows(output, rows, factors.scale * (h @ factors.lora_B.t()))
+        if gather:
+            output = gather_from_tensor_model_parallel_region(output)
+        return output, bias
+
+    def _active_adapters(self, input_: torch.Tensor) -> list[tuple[LoraFactors, torch.Tensor | None]]:
+        if self.routing is None:
+            return []
+        batch, groups = self.routing
+        if input_.shape[1] != batch:
+            raise ValueError(f"route() was given {batch} rows but the layer sees batch {input_.shape[1]}")
+        return [(self.adapters[name], rows) for name, rows in groups if name in self.adapters]
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x.index_select(1, rows)
+
+
+def _add_rows(output: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    delta = delta.to(output.dtype)
+    return output + delta if rows is None else output.index_add(1, rows, delta)
+
+
+def _all_gather_tp(local: torch.Tensor) -> list[torch.Tensor]:
+    if tp_size() == 1:
+        return [local]
+    shards = [torch.empty_like(local) for _ in range(tp_size())]
+    dist.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return shards
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int
+    alpha: float
+    modules: tuple[str, ...]  # paths of the wrapped layers this adapter applies to
+
+
+class LoraManager:
+    """The adapters of one model: wraps its target linears once, then adds/removes/routes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.modules: dict[str, LoraLinear] = {}
+        for path, module in list(model.named_modules()):
+            parent_path, _, leaf = path.rpartition(".")
+            if leaf in TARGET_GROUPS and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                rows = _b_rows_by_rank(leaf, module, model.config) if isinstance(module, ColumnParallelLinear) else None
+                wrapped = LoraLinear(module, self.device, rows)
+                setattr(model.get_submodule(parent_path), leaf, wrapped)
+                self.modules[path] = wrapped
+        if not self.modules:
+            raise ValueError("no LoRA target layers found (is the model already wrapped?)")
+        self._adapters: dict[str, AdapterConfig] = {}
+        self._routing_active = False
+
+    # --- adapters --------------------------------------------------------------------------
+    def add_adapter(
+        self,
+        name: str,
+        rank: int,
+        alpha: float = 32.0,
+        *,
+        train_attn: bool = True,
+        train_mlp: bool = True,
+        train_unembed: bool = False,
+        seed: int = 0,
+    ) -> None:
+        """A new trainable adapter (B = 0, so it starts as an exact no-op)."""
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} already exists")
+        wanted = {"attn": train_attn, "mlp": train_mlp, "unembed": train_unembed}
+        paths = tuple(p for p in self.modules if wanted[TARGET_GROUPS[p.rpartition(".")[2]]])
+        if not paths:
+            raise ValueError("an adapter needs at least one of train_attn, train_mlp, train_unembed")
+        for path in paths:
+            # Same generator state on every rank, so A's shards come from one full tensor.
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{path}".encode()))
+            self.modules[path].new_adapter(name, rank, alpha / rank, generator)
+        self._adapters[name] = AdapterConfig(rank, alpha, paths)
+
+    def load_adapter_state(
+        self, name: str, state: dict[str, torch.Tensor], *, rank: int, alpha: float, trainable: bool = True
+    ) -> None:
+        """Create or replace adapter `name` from this rank's tensors (as `adapter_state` gives).
+
+        The layers it applies to are those named in `state`. Replacing makes new Parameters.
+        """
+        paths = tuple(p for p in self.modules if f"{p}.lora_A" in state or f"{p}.lora_B" in state)
+        unknown = set(state) - {f"{p}.{f}" for p in paths for f in ("lora_A", "lora_B")}
+        if unknown or not paths:
+            raise ValueError(f"state does not match the model's LoRA layers: unknown keys {sorted(unknown)}")
+        for path in paths:
+            for factor in ("lora_A", "lora_B"):
+                value, expected = state.get(f"{path}.{factor}"), self.modules[path].local_shape(factor, rank)
+                if value is None or tuple(value.shape) != expected:
+                    got = None if value is None else tuple(value.shape)
+                    raise ValueError(f"{path}.{factor}: this rank needs shape {expected}, got {got}")
+        for path in paths:
+            lora_A, lora_B = state[f"{path}.lora_A"], state[f"{path}.lora_B"]
+            self.modules[path].set_adapter(name, lora_A, lora_B, alpha / rank, trainable)
+        if name in self._adapters:
+            for path in set(self._adapters[name].modules) - set(paths):
+                del self.modules[path].adapters[name]
+        self._adapters[name] = AdapterConfig(rank, alpha, paths)
+
+    def clone_adapter(self, src: str, dst: str, trainable: bool = False) -> None:
+        """A copy of `src` under the name `dst` (by default a frozen snapshot)."""
+        config = self.adapter_config(src)
+        self.load_adapter_state(dst, self.adapter_state(src), rank=config.rank, alpha=config.alpha, trainable=trainable)
+
+    def remove_adapter(self, name: str) -> None:
+        for path in self.adapter_config(name).modules:
+            del self.modules[path].adapters[name]
+        del self._adapters[name]
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._adapters
+
+    def adapter_config(self, name: str) -> AdapterConfig:
+        if name not in self._adapters:
+            raise KeyError(f"no adapter {name!r}")
+        return self._adapters[name]
+
+    def adapter_params(self, name: str) -> list[tuple[str, nn.Parameter, bool]]:
+        """(qualified name, parameter, is_tp_sharded) for each factor of the adapter on this rank."""
+        params = []
+        for path in self.adapter_config(name).modules:
+            module = self.modules[path]
+            factors = module.adapters[name]
+            for factor in ("lora_A", "lora_B"):
+                params.append((f"{path}.{factor}", getattr(factors, factor), module.is_sharded(factor)))
+        return params
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This rank's factors of the adapter, cloned."""
+        return {key: param.detach().clone() for key, param, _ in self.adapter_params(name)}
+
+    # --- full (HF-order) layout ------------------------------------------------------------
+    def shard_full_state(self, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a state dict given in full layout (no communication)."""
+        local = {}
+        for key, value in full_state.items():
+            module, factor = self._module_of(key)
+            local[key] = module.shard(factor, value)
+        return local
+
+    def gather_full_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full layout of a per-rank state dict (factors or their gradients).
+
+        Collective: every tp rank must call it with the same keys.
+        """
+        full = {}
+        for key in sorted(state):
+            module, factor = self._module_of(key)
+            full[key] = module.unshard(factor, state[key])
+        return full
+
+    def _module_of(self, key: str) -> tuple[LoraLinear, str]:
+        path, _, factor = key.rpartition(".")
+        if path not in self.modules or factor not in ("lora_A", "lora_B"):
+            raise KeyError(f"{key!r} is not a LoRA factor of this model")
+        return self.modules[path], factor
+
+    # --- routing ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def route(self, row_adapters: Sequence[str | None]) -> Iterator[None]:
+        """Within the block, batch row i uses adapter `row_adapters[i]` (None: the base model)."""
+        if self._routing_active:
+            raise RuntimeError("route() does not nest")
+        rows_of: dict[str, list[int]] = {}
+        for i, name in enumerate(row_adapters):
+            if name is not None:
+                self.adapter_config(name)
+                rows_of.setdefault(name, []).append(i)
+        batch = len(row_adapters)
+        groups = [  # rows None: the whole batch
+            (name, None if len(rows) == batch else torch.tensor(rows, device=self.device))
+            for name, rows in rows_of.items()
+        ]
+        self._routing_active = True
+        for module in self.modules.values():
+            module.routing = (batch, groups)
+        try:
+            yield
+        finally:
+            for module in self.modules.values():
+                module.routing = None
+            self._routing_active = False
+
+
+def _b_rows_by_rank(leaf: str, module: ColumnParallelLinear, config) -> list[torch.Tensor]:
+    """For each tp rank, which rows of the full (HF-order) B it holds, in local order."""
+    tp = tp_size()
+    rows = torch.arange(module.output_size)
+    if leaf == "linear_qkv":
+        q_dim = config.num_attention_heads * config.kv_channels
+        kv_dim = config.num_query_groups * config.kv_channels
+        q, k, v = rows.split([q_dim, kv_dim, kv_dim])
+        return [qkv_shard(q, k, v, config, tp, r) for r in range(tp)]
+    if leaf == "linear_fc1":
+        gate, up = rows.chunk(2)
+        return [gate_up_shard(gate, up, config, tp, r) for r in range(tp)]
+    return list(rows.chunk(tp))

@@ -1,0 +1,86 @@
+"""Builds the frozen base GPTModel from an HF checkpoint and scores tokens with it.
+
+`build_model` gives this rank's tensor-parallel shard of the model (base weights frozen;
+LoRA adapters live in `lora.py`); `token_logprobs` turns a batch of token rows into
+per-token log p(target), straight from the vocab-parallel logits; `ModelInfo` holds the facts
+about a model that callers need without building it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from backends.miles.hf_checkpoint import load_hf_weights, read_hf_config, transformer_config_from_hf
+from backends.miles.parallel import tp_rank, tp_size
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    vocab_size: int
+    max_context: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelInfo":
+        hf_cfg = read_hf_config(model_dir)
+        eos: list[int] = []
+        generation_config = Path(model_dir) / "generation_config.json"
+        sources = [hf_cfg.get("eos_token_id")]
+        if generation_config.exists():
+            sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+        for ids in sources:
+            for token in [ids] if isinstance(ids, int) else ids or []:
+                if token not in eos:
+                    eos.append(token)
+        return cls(
+            architecture=hf_cfg["architectures"][0],
+            vocab_size=hf_cfg["vocab_size"],
+            max_context=hf_cfg["max_position_embeddings"],
+            eos_token_ids=tuple(eos),
+        )
+
+
+def build_model(model_dir: str | Path, device: torch.device | str) -> GPTModel:
+    """This rank's shard of the HF model as an mcore GPTModel, base weights frozen.
+
+    Needs `parallel.init_distributed` first. When tp does not divide the vocabulary, the
+    embedding and output layer get zero rows up to the next multiple of tp; `token_logprobs`
+    masks them out (`model.unpadded_vocab_size` records the real size).
+    """
+    config, gpt_kwargs = transformer_config_from_hf(read_hf_config(model_dir), tensor_parallel_size=tp_size())
+    vocab = gpt_kwargs.pop("vocab_size")
+    padded_vocab = -(-vocab // tp_size()) * tp_size()
+    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    model = GPTModel(config, spec, vocab_size=padded_vocab, **gpt_kwargs)
+    load_hf_weights(model, model_dir)
+    model.requires_grad_(False)
+    model.unpadded_vocab_size = vocab
+    return model.to(device)
+
+
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """mcore's attention mask for plain causal attention: [1, 1, s, s] bool, True = masked."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
+
+
+def token_logprobs(model: GPTModel, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[b, t] | tokens[b, :t+1]) as float32 [b, s]; differentiable; exact under TP.
+
+    Any LoRA routing (`LoraManager.route`) must be active around this call.
+    """
+    batch, seq_len = tokens.shape
+    position_ids = torch.arange(seq_len, device=tokens.device).expand(batch, seq_len)
+    logits = model(tokens, position_ids, causal_mask(seq_len, tokens.device))  # [b, s, vocab / tp]
+    local_vocab = logits.shape[-1]
+    first_padded = model.unpadded_vocab_size - tp_rank() * local_vocab
+    if first_padded < local_vocab:
+        is_padding = torch.arange(local_vocab, device=logits.device) >= first_padded
+        logits = logits.masked_fill(is_padding, float("-inf"))
+    return -vocab_parallel_cross_entropy(logits.float(), targets)
