@@ -56,7 +56,7 @@ def _run_steps(url: str, name: str) -> dict:
     # A huge eps makes the step proportional to the gradient, so equal weights after it mean equal gradients.
     out["norm2"] = tc.optim_step(types.AdamParams(learning_rate=1.0, eps=1e3)).result().metrics["grad_norm:mean"]
     out["lp2"] = logprobs_of(tc.forward(_data(), "cross_entropy").result())
-    sampler = tc.save_weights_and_get_sampling_client()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     seq = sampler.sample(types.ModelInput.from_ints(SEQS[0][:5]), 2,
                          types.SamplingParams(max_tokens=8, temperature=1.0, seed=11, stop=[])).result().sequences
     out["sampled"] = [s.tokens for s in seq]

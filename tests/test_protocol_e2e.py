@@ -58,8 +58,10 @@ def test_api_key_is_required_except_for_health(server):
     assert bad.http.get("/api/v1/healthz").status_code == 200
 
 
-def test_capabilities_list_the_served_models(service_client):
-    caps = service_client.get_server_capabilities()
+def test_capabilities_list_the_served_models(server):
+    import tinker
+
+    caps = tinker.RestClient(base_url=server.url, api_key=API_KEY).get_server_capabilities().result()
     names = {m.model_name for m in caps.supported_models}
     assert names == {"tiny-qwen3", "tiny-llama"}
 

@@ -24,7 +24,7 @@ def trained(server):
     for _ in range(3):
         tc.forward_backward(data, "cross_entropy")
         tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-    return tc, tc.save_weights_and_get_sampling_client()
+    return tc, tc.save_weights_and_get_sampling_client().result()
 
 
 def _sample(sampler, n=1, prompt=PROMPT, **params):

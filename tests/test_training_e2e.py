@@ -117,7 +117,7 @@ def test_ephemeral_sampler_and_base_model_sampler(service_client, tokenizer):
     prompt, completion = encoded_pairs(tokenizer)[2]
     tc = service_client.create_lora_training_client(QWEN, rank=4, seed=5).result()
     base_sampler = service_client.create_sampling_client(base_model=QWEN).result()
-    trained_before = tc.save_weights_and_get_sampling_client()
+    trained_before = tc.save_weights_and_get_sampling_client().result()
     params = types.SamplingParams(max_tokens=5, temperature=0.0, stop=[])
     # A fresh adapter is an exact no-op: same tokens as the base model.
     a = base_sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
@@ -126,7 +126,7 @@ def test_ephemeral_sampler_and_base_model_sampler(service_client, tokenizer):
     for _ in range(60):
         tc.forward_backward([sft_datum(prompt, completion)], "cross_entropy")
         tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
-    trained = tc.save_weights_and_get_sampling_client()
+    trained = tc.save_weights_and_get_sampling_client().result()
     c = trained.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
     assert c.tokens[:3] == completion[:3]
     # The earlier ephemeral sampler still serves its own frozen weights.
