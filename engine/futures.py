@@ -32,6 +32,7 @@ class FutureStore:
     def __init__(self, path: str) -> None:
         self._cache = diskcache.Cache(path)
         self._events: dict[str, asyncio.Event] = {}
+        self._closing = False
         self._fail_orphans()
 
     def _fail_orphans(self) -> None:
@@ -70,7 +71,7 @@ class FutureStore:
     async def wait(self, request_id: str, timeout: float) -> FutureRecord | None:
         """The record once it is no longer pending, or the pending record after `timeout`."""
         rec = self.get(request_id)
-        if rec is None or rec.state != "pending":
+        if rec is None or rec.state != "pending" or self._closing:
             return rec
         event = self._events.get(request_id)
         if event is not None:
@@ -79,6 +80,12 @@ class FutureStore:
             except asyncio.TimeoutError:
                 pass
         return self.get(request_id)
+
+    def release_waiters(self) -> None:
+        """Answer every long-poll now (still pending): the server is shutting down."""
+        self._closing = True
+        for event in self._events.values():
+            event.set()
 
     def close(self) -> None:
         self._cache.close()

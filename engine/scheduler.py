@@ -20,6 +20,8 @@ from engine.pool import WorkerPool
 
 log = logging.getLogger("tinkercloud.scheduler")
 
+RETRY_WINDOW = 1024  # how many already-run seq_ids per model are remembered for retries
+
 # encode(result) -> (payload, kind) where kind is "json" or "proto"
 Encoder = Callable[[Any], tuple[Any, str]]
 
@@ -76,6 +78,8 @@ class Scheduler:
         while lane.next_seq in lane.waiting:
             self._dispatch(lane.waiting.pop(lane.next_seq))
             lane.next_seq += 1
+            if lane.next_seq % RETRY_WINDOW == 0:  # retries only ever repeat recent seq_ids
+                lane.accepted = {s: r for s, r in lane.accepted.items() if s >= lane.next_seq - RETRY_WINDOW}
         return job.request_id
 
     def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder) -> str:

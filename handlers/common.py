@@ -13,11 +13,11 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from engine.messages import UserError
+from engine.scheduler import Encoder, as_json
 from handlers.codec import WireFormatError
 from handlers.state import STATE, ServerState
 
 log = logging.getLogger("tinkercloud.http")
-IDEMPOTENCY_MEMORY = 10_000
 PUBLIC_PATHS = ("/api/v1/healthz", "/healthz", "/api/v1/health")
 
 
@@ -85,6 +85,20 @@ async def auth_middleware(request: web.Request, handler):
     return await handler(request)
 
 
+def submit_in_order(request: web.Request, model_id: str, seq_id: int, op: str,
+                    build: Callable[[], tuple[dict[str, Any], Encoder]]) -> dict[str, Any]:
+    """Queue `op` as request `seq_id` of `model_id`. `build()` gives (args, encoder); if it raises
+    UserError, the request still takes its turn (later seq_ids must not wait for ever) and its
+    future fails with that message."""
+    try:
+        args, encode = build()
+        rejection = None
+    except UserError as e:
+        args, encode, rejection = None, as_json, str(e)
+    rid = state(request).scheduler.submit_ordered(model_id, seq_id, op, args, encode, rejection)
+    return {"request_id": rid, "model_id": model_id}
+
+
 async def idempotent(request: web.Request, make: Callable[[], Awaitable[dict[str, Any]]]) -> web.Response:
     """Answer a retried submission (same X-Idempotency-Key) with the first answer, unexecuted."""
     key = request.headers.get("X-Idempotency-Key")
@@ -94,6 +108,4 @@ async def idempotent(request: web.Request, make: Callable[[], Awaitable[dict[str
     reply = await make()
     if key:
         memory[key] = reply
-        while len(memory) > IDEMPOTENCY_MEMORY:
-            memory.popitem(last=False)
     return web.json_response(reply)

@@ -14,6 +14,19 @@ from engine.registry import Registry
 from engine.scheduler import Scheduler
 
 
+class BoundedDict(OrderedDict):
+    """A dict that forgets its oldest entries beyond `limit` (for retry bookkeeping)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
 @dataclass
 class ServerState:
     config: Config
@@ -22,9 +35,10 @@ class ServerState:
     scheduler: Scheduler
     registry: Registry
     models: dict[str, dict[str, Any]]  # base model name -> ModelInfo fields (from the workers)
-    # X-Idempotency-Key -> the response first given for it (bounded, oldest dropped first)
-    idempotent: OrderedDict = field(default_factory=OrderedDict)
-    sample_handles: dict[tuple[str, int], dict] = field(default_factory=dict)
+    # X-Idempotency-Key -> the response first given for it
+    idempotent: BoundedDict = field(default_factory=BoundedDict)
+    # (sampling_session_id, seq_id) -> the asample handle first given for it
+    sample_handles: BoundedDict = field(default_factory=BoundedDict)
 
     def model_info(self, base_model: str) -> dict[str, Any]:
         info = self.models.get(base_model)

@@ -13,7 +13,7 @@ from aiohttp import web
 from engine.messages import UserError
 from engine.registry import LoraSpec
 from handlers.codec import decode_forward_backward, encode_forward_backward_output
-from handlers.common import idempotent, json_body, need, opt, state
+from handlers.common import idempotent, json_body, need, opt, state, submit_in_order
 from handlers.validation import validate_forward_backward
 
 MAX_LORA_RANK = 512
@@ -87,16 +87,13 @@ async def forward_backward(request: web.Request) -> web.Response:
         st = state(request)
         fb = decode_forward_backward(await request.read(), request.headers.get("Content-Encoding"))
         run = st.registry.run(fb.model_id)
-        args, rejection = None, None
-        try:
+
+        def build():
             batch = validate_forward_backward(fb, st.model_info(run.base_model))
-            args = {"model_id": run.model_id, "batch": batch, "loss_fn": fb.loss_fn,
-                    "loss_fn_config": fb.loss_fn_config, "forward_only": fb.forward_only}
-        except UserError as e:
-            rejection = str(e)
-        rid = st.scheduler.submit_ordered(run.model_id, fb.seq_id, "forward_backward", args,
-                                          _encode_forward_backward, rejection)
-        return {"request_id": rid, "model_id": run.model_id}
+            return {"model_id": run.model_id, "batch": batch, "loss_fn": fb.loss_fn,
+                    "loss_fn_config": fb.loss_fn_config, "forward_only": fb.forward_only}, _encode_forward_backward
+
+        return submit_in_order(request, run.model_id, fb.seq_id, "forward_backward", build)
 
     return await idempotent(request, make)
 
@@ -120,14 +117,8 @@ async def optim_step(request: web.Request) -> web.Response:
         st = state(request)
         body = await json_body(request)
         run = st.registry.run(need(body, "model_id", str))
-        seq_id = need(body, "seq_id", int)
-        args, rejection = None, None
-        try:
-            args = {"model_id": run.model_id, "adam": _adam_params(body)}
-        except UserError as e:
-            rejection = str(e)
-        rid = st.scheduler.submit_ordered(run.model_id, seq_id, "optim_step", args,
-                                          lambda r: ({"metrics": r["metrics"], "type": "optim_step"}, "json"), rejection)
-        return {"request_id": rid, "model_id": run.model_id}
+        encode = lambda r: ({"metrics": r["metrics"], "type": "optim_step"}, "json")  # noqa: E731
+        return submit_in_order(request, run.model_id, need(body, "seq_id", int), "optim_step",
+                               lambda: ({"model_id": run.model_id, "adam": _adam_params(body)}, encode))
 
     return await idempotent(request, make)
