@@ -148,3 +148,28 @@ def test_bad_sampling_requests_are_rejected_with_a_message(service_client, raw):
     r = raw.post("create_sampling_session", {"session_id": raw.session(), "sampling_session_seq_id": 1,
                                              "base_model": "no/such-model"})
     assert r.status_code == 404 and "no/such-model" in r.json()["error"]
+
+
+def test_zstd_compressed_bodies_are_accepted(raw):
+    import zstandard
+
+    model_id = raw.create_model(raw.session(), QWEN)
+    body = fb_body(model_id, 1, [sft_datum(_tokens(5), _tokens(3, 900))], forward_only=True)
+    handle = raw.post("forward_backward", content=zstandard.ZstdCompressor().compress(body),
+                      headers={"Content-Encoding": "zstd"}).json()
+    out = pb.ForwardBackwardOutput.FromString(raw.result(handle["request_id"]))
+    assert out.metrics["loss:sum"] > 0
+
+
+def test_session_routes_and_unload_model(raw):
+    session = raw.session()
+    assert raw.post("session_heartbeat", {"session_id": session, "type": "session_heartbeat"}).status_code == 200
+    assert raw.post("telemetry", {"events": [], "session_id": session}).json() == {"status": "accepted"}
+    model_id = raw.create_model(session, QWEN)
+    info = raw.post("get_info", {"model_id": model_id, "type": "get_info"}).json()
+    assert info["lora_rank"] == 4 and info["lora_alpha"] == 32.0 and info["model_data"]["model_name"] == QWEN
+    done = raw.result(raw.post("unload_model", {"model_id": model_id, "type": "unload_model"}).json()["request_id"])
+    assert done["model_id"] == model_id
+    r = raw.post("forward_backward", content=fb_body(model_id, 1, [sft_datum(_tokens(3), _tokens(3))]))
+    assert r.status_code == 404 and "unknown model_id" in r.json()["error"]
+    assert raw.post(f"sessions/{session}/finish", {"reason": {"type": "success"}, "detail": None}).status_code == 200

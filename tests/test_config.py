@@ -1,0 +1,39 @@
+"""Configuration sources: flags over environment over YAML, and the seed's variable names."""
+from __future__ import annotations
+
+import pytest
+
+from engine.config import Config, ServedModel
+
+
+def test_environment_variables_of_the_original_description(tmp_path):
+    cfg = Config.from_env({
+        "TINKERCLOUD_BACKEND": "miles", "TRAINING_HOST": "127.0.0.1", "TRAINING_PORT": "9001",
+        "TINKER_API_KEY": "tml-a,tml-b", "METADATA_DIR": str(tmp_path / "meta"), "FUTURES_DB_NAME": "f.db",
+        "SUPPORTED_MODELS": '[{"model_name": "Qwen/Qwen3-8B", "path": "/models/q"}, "llama=/models/l"]',
+        "ALLOW_PARTIAL_BATCHES": "true",
+    })
+    assert (cfg.host, cfg.port, cfg.api_keys) == ("127.0.0.1", 9001, ("tml-a", "tml-b"))
+    assert cfg.futures_path == str(tmp_path / "meta" / "f.db")
+    assert cfg.models == (ServedModel("Qwen/Qwen3-8B", "/models/q"), ServedModel("llama", "/models/l"))
+    assert cfg.allow_partial_batches is True
+
+
+def test_flags_override_environment_which_overrides_yaml(tmp_path, monkeypatch):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("port: 7000\nworkers: 2\ndata_dir: /d\n")
+    monkeypatch.setenv("TRAINING_PORT", "7001")
+    cfg = Config.from_args(["--config", str(yaml_file), "--workers", "3", "--model", "m=/p"])
+    assert (cfg.port, cfg.workers, cfg.data_dir) == (7001, 3, "/d")
+    assert cfg.futures_path == "/d/futures" and cfg.models == (ServedModel("m", "/p"),)
+
+
+def test_bad_configuration_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(ValueError, match="tml-"):
+        Config(api_keys=("secret",))
+    with pytest.raises(ValueError, match="TINKERCLOUD_BACKEND"):
+        Config(backend="other")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("prot: 7000\n")
+    with pytest.raises(ValueError, match="unknown config field 'prot'"):
+        Config.from_file(yaml_file)
