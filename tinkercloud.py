@@ -74,7 +74,14 @@ def create_app(config: Config) -> web.Application:
             await pool.stop()
             futures.close()
 
+    async def release_long_polls(app: web.Application) -> None:
+        # Shutdown waits for running handlers: wake pending long-polls (they answer try_again
+        # and the SDK re-polls) instead of holding the process up to long_poll_seconds.
+        if STATE in app:
+            app[STATE].futures.release_waiters()
+
     app.cleanup_ctx.append(engine)
+    app.on_shutdown.append(release_long_polls)
     return app
 
 
