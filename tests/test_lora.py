@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_model_parity import hf_logprobs, init_worker, make_hf_checkpoint, run_workers
+from tests.mcore_harness import hf_logprobs, init_worker, make_hf_checkpoint, run_workers
 
 RANK, ALPHA = 4, 8.0
 ROWS, SEQ, VOCAB, LAYERS = 4, 24, 1000, 2

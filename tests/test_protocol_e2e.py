@@ -10,7 +10,7 @@ from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 
 from tests.conftest import API_KEY
-from tests.helpers import RawClient, fb_body, logprobs_of, sft_datum
+from tests.helpers import RawClient, fb_body, sft_datum
 
 QWEN = "tiny-qwen3"
 
