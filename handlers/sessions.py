@@ -13,8 +13,9 @@ log = logging.getLogger("tinkercloud.sessions")
 
 async def client_config(request: web.Request) -> web.Response:
     # Feature flags of the SDK (wire protocol §1.3); defaults suit this server. Proto
-    # compression stays off: bodies come over loopback or a LAN.
-    return web.json_response({})
+    # compression stays off: bodies come over loopback or a LAN. Custom losses made with
+    # ServiceClient.create_custom_loss are uploaded and run here (handlers/custom_loss.py).
+    return web.json_response({"custom_loss_server_side": True})
 
 
 async def dynamic_config(request: web.Request) -> web.Response:

@@ -2,7 +2,8 @@
 
 `build_model` gives this rank's tensor-parallel shard of the model (base weights frozen;
 LoRA adapters live in `lora.py`); `token_logprobs` turns a batch of token rows into
-per-token log p(target), straight from the vocab-parallel logits; `ModelInfo` holds the facts
+per-token log p(target) (one target per position, or K for top-K losses), straight from the
+vocab-parallel logits; `ModelInfo` holds the facts
 about a model that callers need without building it.
 """
 from __future__ import annotations
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from backends.miles.hf_checkpoint import load_hf_weights, read_hf_config, transformer_config_from_hf
 from backends.miles.parallel import tp_rank, tp_size
@@ -72,6 +76,7 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
 
 def token_logprobs(model: GPTModel, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets[b, t] | tokens[b, :t+1]) as float32 [b, s]; differentiable; exact under TP.
+    With targets [b, s, K] (K candidate tokens per position) the result is [b, s, K].
 
     Any LoRA routing (`LoraManager.route`) must be active around this call.
     """
@@ -83,4 +88,25 @@ def token_logprobs(model: GPTModel, tokens: torch.Tensor, targets: torch.Tensor)
     if first_padded < local_vocab:
         is_padding = torch.arange(local_vocab, device=logits.device) >= first_padded
         logits = logits.masked_fill(is_padding, float("-inf"))
+    if targets.dim() == 3:
+        return _many_target_logprobs(logits.float(), targets)
     return -vocab_parallel_cross_entropy(logits.float(), targets)
+
+
+def _many_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., targets] for targets [b, s, K], from this rank's vocab shard.
+
+    The normaliser log(sum exp) is summed over the TP ranks, and so is each target's logit
+    (only the rank holding it contributes); mcore's all-reduce copies gradients back, so the
+    result and its gradient are those of the full-vocabulary log-softmax.
+    """
+    local_vocab = logits.shape[-1]
+    peak = logits.detach().amax(-1, keepdim=True)
+    if tp_size() > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+    shifted = logits - peak
+    log_normaliser = reduce_from_tensor_model_parallel_region(shifted.exp().sum(-1)).log()
+    local = targets - tp_rank() * local_vocab
+    here = (local >= 0) & (local < local_vocab)
+    picked = torch.where(here, shifted.gather(-1, local.clamp(0, local_vocab - 1)), 0.0)
+    return reduce_from_tensor_model_parallel_region(picked.contiguous()) - log_normaliser[..., None]
