@@ -46,7 +46,18 @@ class TrainingBackend(ABC):
     def save_for_sampler(self, model_id: str, sampler_key: str, path: str | None,
                          meta: dict[str, Any] | None) -> dict[str, Any]:
         """Freeze a snapshot of the adapter under `sampler_key`; with `path`, also write it
-        there atomically, with `meta` beside it."""
+        there as a checkpoint folder (atomically), with `meta` beside it."""
+
+    @abstractmethod
+    def save_checkpoint(self, model_id: str, path: str, meta: dict[str, Any], overwrite: bool,
+                        with_optimizer: bool) -> dict[str, Any]:
+        """Write the adapter (and, `with_optimizer`, its AdamW state) as a checkpoint folder at
+        `path`, atomically, with `meta` beside it; UserError if it exists and not `overwrite`."""
+
+    @abstractmethod
+    def load_checkpoint(self, model_id: str, base_model: str, path: str, with_optimizer: bool) -> dict[str, Any]:
+        """Make `model_id`'s adapter the one saved at `path` (creating it if the run has none),
+        with the saved AdamW state if `with_optimizer`, else a fresh one. Gradients start at zero."""
 
     @abstractmethod
     def sample(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:

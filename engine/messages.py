@@ -17,6 +17,8 @@ OPS = (
     "forward_backward",
     "optim_step",
     "save_for_sampler",
+    "save_checkpoint",
+    "load_checkpoint",
     "sample",
 )
 

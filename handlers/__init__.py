@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import futures, sampling, sessions, training, weights
+from handlers import custom_loss, futures, rest, sampling, sessions, training, weights
 
 V1 = "/api/v1"
 
@@ -25,7 +25,26 @@ def routes() -> list[web.RouteDef]:
         web.post(f"{V1}/unload_model", training.unload_model),
         web.post(f"{V1}/forward_backward", training.forward_backward),
         web.post(f"{V1}/optim_step", training.optim_step),
+        web.post(f"{V1}/create_custom_loss", custom_loss.create_custom_loss),
         web.post(f"{V1}/save_weights_for_sampler", weights.save_weights_for_sampler),
+        web.post(f"{V1}/save_weights", weights.save_weights),
+        web.post(f"{V1}/save_weights_external", weights.save_weights_external),
+        web.post(f"{V1}/load_weights", weights.load_weights),
+        web.post(f"{V1}/weights_info", weights.weights_info),
+        web.get(f"{V1}/training_runs", rest.list_training_runs),
+        web.get(f"{V1}/training_runs/{{run_id}}", rest.get_training_run),
+        web.get(f"{V1}/training_runs/{{run_id}}/checkpoints", rest.list_run_checkpoints),
+        web.get(f"{V1}/checkpoints", rest.list_checkpoints),
+        web.delete(f"{V1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}", rest.delete_checkpoint),
+        web.post(f"{V1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}/publish", rest.publish_checkpoint),
+        web.delete(f"{V1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}/publish", rest.unpublish_checkpoint),
+        web.put(f"{V1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}/ttl", rest.set_checkpoint_ttl),
+        web.get(f"{V1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}/external_weights_urls",
+                rest.external_weights_urls),
+        web.get(f"{V1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}/archive", rest.checkpoint_archive),
+        web.get(f"{V1}/signed/{{run_id}}/{{kind}}/{{name}}/{{file}}", rest.signed_download),
+        web.get(f"{V1}/sessions", rest.list_sessions),
+        web.get(f"{V1}/sessions/{{session_id}}", rest.get_session),
         web.post(f"{V1}/create_sampling_session", sampling.create_sampling_session),
         web.get(f"{V1}/samplers/{{sampler_id}}", sampling.get_sampler),
         web.post(f"{V1}/asample", sampling.asample),

@@ -19,6 +19,7 @@ from handlers.state import STATE, ServerState
 
 log = logging.getLogger("tinkercloud.http")
 PUBLIC_PATHS = ("/api/v1/healthz", "/healthz", "/api/v1/health")
+SIGNED_DOWNLOADS = "/api/v1/signed/"  # download URLs that carry their own signature instead of a key
 
 
 def state(request: web.Request) -> ServerState:
@@ -78,7 +79,7 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    if request.path not in PUBLIC_PATHS:
+    if request.path not in PUBLIC_PATHS and not request.path.startswith(SIGNED_DOWNLOADS):
         key = request.headers.get("X-API-Key", "")
         if key not in state(request).config.api_keys:
             return error_response(401, "missing or unknown API key (send it in the X-API-Key header)")

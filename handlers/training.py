@@ -69,7 +69,7 @@ async def unload_model(request: web.Request) -> web.Response:
         st = state(request)
         body = await json_body(request)
         run = st.registry.run(need(body, "model_id", str))
-        st.registry.runs.pop(run.model_id)
+        st.registry.deactivate(run.model_id)
         st.scheduler.forget_model(run.model_id)
         rid = st.scheduler.submit("remove_adapter", {"model_id": run.model_id},
                                   lambda _: ({"model_id": run.model_id, "type": "unload_model"}, "json"))
@@ -89,9 +89,9 @@ async def forward_backward(request: web.Request) -> web.Response:
         run = st.registry.run(fb.model_id)
 
         def build():
-            batch = validate_forward_backward(fb, st.model_info(run.base_model))
+            batch, config = validate_forward_backward(fb, st.model_info(run.base_model), run.session_id)
             return {"model_id": run.model_id, "batch": batch, "loss_fn": fb.loss_fn,
-                    "loss_fn_config": fb.loss_fn_config, "forward_only": fb.forward_only}, _encode_forward_backward
+                    "loss_fn_config": config, "forward_only": fb.forward_only}, _encode_forward_backward
 
         return submit_in_order(request, run.model_id, fb.seq_id, "forward_backward", build)
 

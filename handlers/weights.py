@@ -1,16 +1,35 @@
-"""Weight routes: save_weights_for_sampler (named checkpoints and ephemeral samplers).
+"""Weight routes: save and load checkpoints, sampler snapshots, external exports, weights_info.
 
-A sampler always reads a frozen snapshot taken at save time, never the live adapter.
+Every save is a `tinker://<run>/<kind>/<name>` folder in standard PEFT format, written
+atomically by the workers in the model's seq_id order: `save_weights` (kind `weights`, with
+the AdamW state), `save_weights_for_sampler` (kind `sampler_weights`, or an ephemeral sampler
+with no path) and `save_weights_external` (kind `external_weights`, what `tinker checkpoint
+download` fetches). A sampler always reads a frozen snapshot taken at save time, never the
+live adapter. `load_weights` either loads into an existing run (in its seq_id order) or
+creates a new run from a checkpoint (`create_training_client_from_state*`).
 """
 from __future__ import annotations
 
-import uuid
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
-from engine.registry import TinkerPath, check_checkpoint_name
+from engine.messages import UserError
+from engine.registry import (LoraSpec, TinkerPath, TrainingRun, check_checkpoint_name, new_snapshot_id,
+                             parse_tinker_path)
 from handlers.common import idempotent, json_body, need, opt, state, submit_in_order
+from handlers.state import ServerState
+
+
+def _new_checkpoint(st: ServerState, run: TrainingRun, kind: str, body: dict[str, Any]) -> tuple[TinkerPath, dict, str]:
+    """(tinker path, metadata, folder) for saving `body["path"]` of `run` as `kind`."""
+    path = TinkerPath(run.model_id, kind, check_checkpoint_name(need(body, "path", str)))
+    meta = st.registry.new_checkpoint_meta(path, run, body.get("ttl_seconds"), body.get("user_metadata"))
+    return path, meta, str(st.registry.checkpoint_dir(path))
+
+
+def _replying(reply: dict[str, Any]) -> Callable[[Any], tuple[dict[str, Any], str]]:
+    return lambda _: (reply, "json")
 
 
 async def save_weights_for_sampler(request: web.Request) -> web.Response:
@@ -20,21 +39,112 @@ async def save_weights_for_sampler(request: web.Request) -> web.Response:
         run = st.registry.run(need(body, "model_id", str))
 
         def build():
-            snapshot = f"snap-{uuid.uuid4().hex}"
-            args = {"model_id": run.model_id, "sampler_key": snapshot, "path": None, "meta": None}
-            name = opt(body, "path", str, None)
-            if name is not None:
-                path = TinkerPath(run.model_id, "sampler_weights", check_checkpoint_name(name))
-                args["path"] = str(st.registry.checkpoint_dir(path))
-                args["meta"] = {"snapshot_id": snapshot, "base_model": run.base_model, "tinker_path": str(path),
-                                "kind": "sampler_weights", "ttl_seconds": body.get("ttl_seconds")}
-                result = {"path": str(path), "sampling_session_id": None}
+            if body.get("path") is not None:
+                path, meta, folder = _new_checkpoint(st, run, "sampler_weights", body)
+                args = {"model_id": run.model_id, "sampler_key": meta["snapshot_id"], "path": folder, "meta": meta}
+                reply = {"path": str(path), "sampling_session_id": None}
             else:
                 seq = need(body, "sampling_session_seq_id", int)
+                snapshot = new_snapshot_id()
                 sampler = st.registry.new_sampler(run.session_id, seq, run.base_model, None, {"key": snapshot})
-                result = {"path": None, "sampling_session_id": sampler.sampler_id}
-            return args, lambda _: ({**result, "type": "save_weights_for_sampler"}, "json")
+                args = {"model_id": run.model_id, "sampler_key": snapshot, "path": None, "meta": None}
+                reply = {"path": None, "sampling_session_id": sampler.sampler_id}
+            return args, _replying({**reply, "type": "save_weights_for_sampler"})
 
         return submit_in_order(request, run.model_id, need(body, "seq_id", int), "save_for_sampler", build)
 
     return await idempotent(request, make)
+
+
+async def save_weights(request: web.Request) -> web.Response:
+    """`save_state`: the adapter and its AdamW state, refusing an existing name unless `overwrite`."""
+    return await _save_checkpoint(request, "weights", "save_weights", with_optimizer=True)
+
+
+async def save_weights_external(request: web.Request) -> web.Response:
+    """The adapter alone, for download (`tinker checkpoint download` exports through this)."""
+    return await _save_checkpoint(request, "external_weights", "save_weights_external", with_optimizer=False)
+
+
+async def _save_checkpoint(request: web.Request, kind: str, reply_type: str, with_optimizer: bool) -> web.Response:
+    async def make() -> dict[str, Any]:
+        st = state(request)
+        body = await json_body(request)
+        run = st.registry.run(need(body, "model_id", str))
+
+        def build():
+            path, meta, folder = _new_checkpoint(st, run, kind, body)
+            args = {"model_id": run.model_id, "path": folder, "meta": meta,
+                    "overwrite": opt(body, "overwrite", bool, False), "with_optimizer": with_optimizer}
+            return args, _replying({"path": str(path), "type": reply_type})
+
+        return submit_in_order(request, run.model_id, need(body, "seq_id", int), "save_checkpoint", build)
+
+    return await idempotent(request, make)
+
+
+def _loadable(st: ServerState, body: dict[str, Any]) -> tuple[TinkerPath, dict[str, Any], bool]:
+    """(path, metadata, with_optimizer) of the checkpoint a load_weights request names."""
+    path = parse_tinker_path(need(body, "path", str))
+    meta = st.registry.checkpoint_info(path)
+    with_optimizer = opt(body, "optimizer", bool, False)
+    if with_optimizer and path.kind != "weights":
+        raise UserError(f"{path} holds no optimizer state (only weights/ checkpoints from save_state do); "
+                        "load it without the optimizer")
+    return path, meta, with_optimizer
+
+
+async def load_weights(request: web.Request) -> web.Response:
+    async def make() -> dict[str, Any]:
+        st = state(request)
+        body = await json_body(request)
+        if body.get("session_id") is not None:
+            return _create_run_from_checkpoint(st, body)
+        run = st.registry.run(need(body, "model_id", str))
+
+        def build():
+            path, meta, with_optimizer = _loadable(st, body)
+            if meta["base_model"] != run.base_model:
+                raise UserError(f"{path} was trained on {meta['base_model']}, but {run.model_id} is {run.base_model}")
+            if meta["lora"] != run.lora.flags():
+                raise UserError(f"{path} has LoRA settings {meta['lora']}, which differ from {run.model_id}'s "
+                                f"{run.lora.flags()}; create a new training client from it instead")
+            args = {"model_id": run.model_id, "base_model": run.base_model,
+                    "path": str(st.registry.checkpoint_dir(path)), "with_optimizer": with_optimizer}
+            return args, _replying({"path": str(path), "model_id": run.model_id, "type": "load_weights"})
+
+        return submit_in_order(request, run.model_id, need(body, "seq_id", int), "load_checkpoint", build)
+
+    return await idempotent(request, make)
+
+
+def _create_run_from_checkpoint(st: ServerState, body: dict[str, Any]) -> dict[str, Any]:
+    """create_training_client_from_state[_with_optimizer]: a new run whose first act is the load.
+    The SDK computes the model id itself (`<session>:train:<model_seq_id>`)."""
+    path, meta, with_optimizer = _loadable(st, body)
+    base_model = opt(body, "base_model", str, meta["base_model"])
+    if base_model != meta["base_model"]:
+        raise UserError(f"{path} was trained on {meta['base_model']}; it cannot be loaded onto {base_model}")
+    st.model_info(base_model)
+    optimizer = opt(body, "optimizer_config", dict, {"type": "adamw"})
+    if optimizer.get("type", "adamw") != "adamw":
+        raise UserError(f"optimizer {optimizer.get('type')!r} is not supported; use adamw")
+    run = st.registry.new_run(need(body, "session_id", str), need(body, "model_seq_id", int), base_model,
+                              LoraSpec(**meta["lora"]), opt(body, "user_metadata", dict, {}))
+    args = {"model_id": run.model_id, "base_model": base_model, "path": str(st.registry.checkpoint_dir(path)),
+            "with_optimizer": with_optimizer}
+    rid = st.scheduler.submit("load_checkpoint", args,
+                              _replying({"path": str(path), "model_id": run.model_id, "type": "load_weights"}))
+    return {"request_id": rid, "model_id": run.model_id}
+
+
+async def weights_info(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    path = parse_tinker_path(need(body, "tinker_path", str))
+    meta = state(request).registry.checkpoint(path).meta
+    lora = meta["lora"]
+    return web.json_response({
+        "base_model": meta["base_model"], "is_lora": True, "lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
+        "train_attn": lora["train_attn"], "train_mlp": lora["train_mlp"], "train_unembed": lora["train_unembed"],
+        "optimizer_config": {"type": "adamw"},
+    })

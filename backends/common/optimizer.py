@@ -1,7 +1,9 @@
 """AdamW over one adapter's parameters, with Tinker's AdamParams applied at every step.
 
 The global gradient norm (for `grad_clip_norm` and the reported metric) counts a
-tensor-parallel shard once per rank and a replicated tensor once in total.
+tensor-parallel shard once per rank and a replicated tensor once in total. The optimizer
+state can be taken out and put back by parameter name (`moments` / `load_moments`), so a
+checkpoint can restore it exactly, whatever the tensor-parallel layout of the reader.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import math
 
 import torch
 import torch.distributed as dist
+
+MOMENT_KINDS = ("exp_avg", "exp_avg_sq", "step")
 
 
 class AdapterOptimizer:
@@ -52,3 +56,35 @@ class AdapterOptimizer:
         self.opt.zero_grad(set_to_none=True)
         self.steps += 1
         return {"grad_norm:mean": norm, "learning_rate:mean": adam["learning_rate"], "step:max": float(self.steps)}
+
+    def moments(self) -> dict[str, dict[str, torch.Tensor]]:
+        """AdamW state by kind ("exp_avg", "exp_avg_sq", "step") and parameter name; empty before
+        the first step."""
+        out: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in MOMENT_KINDS}
+        for name, p, _ in self.params:
+            for kind, value in self.opt.state.get(p, {}).items():
+                out[kind][name] = value.detach().clone()
+        return out if self.opt.state else {}
+
+    def load_moments(self, moments: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore what `moments` returned (tensors of this rank's shapes); every parameter's
+        state must be present, or none."""
+        names = [name for name, _, _ in self.params]
+        if not moments or not any(moments.values()):
+            return
+        for kind in MOMENT_KINDS:
+            missing = sorted(set(names) - set(moments.get(kind, {})))
+            if missing:
+                raise ValueError(f"optimizer state lacks {kind} of {missing[:3]}")
+        for name, p, _ in self.params:
+            for kind in ("exp_avg", "exp_avg_sq"):
+                if tuple(moments[kind][name].shape) != tuple(p.shape):
+                    raise ValueError(f"{kind} of {name} has shape {tuple(moments[kind][name].shape)}, "
+                                     f"the parameter {tuple(p.shape)}")
+        for name, p, _ in self.params:
+            self.opt.state[p] = {
+                "step": moments["step"][name].detach().to(torch.float32).reshape(()).clone(),
+                "exp_avg": moments["exp_avg"][name].detach().to(p.device, p.dtype).clone(),
+                "exp_avg_sq": moments["exp_avg_sq"][name].detach().to(p.device, p.dtype).clone(),
+            }
+        self.steps = int(max(float(moments["step"][name]) for name in names))
