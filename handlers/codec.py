@@ -53,6 +53,15 @@ class SequenceOut:
     topk_logprobs: tuple[np.ndarray, np.ndarray] | None = None  # (token_ids [n,k], logprobs [n,k])
 
 
+@dataclass
+class TensorOut:
+    """A response tensor: `values` flat in row-major order (dense) or the CSR values."""
+
+    values: np.ndarray  # float32 or int64
+    shape: list[int]
+    csr: tuple[np.ndarray, np.ndarray] | None = None  # (crow_indices, col_indices) when sparse
+
+
 # Wire dtype -> (little-endian dtype of the bytes, numpy dtype handed to callers).
 # INT32 and BFLOAT16 are widened, as the SDK's response decoder does.
 _WIRE_DTYPES = {
@@ -261,12 +270,16 @@ def encode_sample_response(
     prompt_logprobs: np.ndarray | None = None,
     topk_prompt_logprobs: tuple[np.ndarray, np.ndarray] | None = None,
     prompt_cache_hit_tokens: int = 0,
+    target_prompt_logprobs: TensorOut | None = None,
+    prompt_alt_tokens: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> bytes:
     """Serialize a protobuf ``SampleResponse``.
 
     ``prompt_logprobs`` holds one float per prompt position, NaN where not
     computed (the SDK shows those as ``None``). Top-k matrices are [n, k];
-    empty cells are token 0 with logprob -99999.0.
+    empty cells are token 0 with logprob -99999.0. ``target_prompt_logprobs``
+    keeps the request's shape and layout; ``prompt_alt_tokens`` is
+    (token ids [n, k], logprobs [n, k]), sent as int64 and float32 tensors.
     """
     msg = pb.SampleResponse(prompt_cache_hit_tokens=prompt_cache_hit_tokens)
     for i, seq in enumerate(sequences):
@@ -285,7 +298,30 @@ def encode_sample_response(
         msg.prompt_logprobs = np.asarray(prompt_logprobs, dtype="<f4").tobytes()
     if topk_prompt_logprobs is not None:
         msg.topk_prompt_logprobs.CopyFrom(_topk(topk_prompt_logprobs, "topk_prompt_logprobs"))
+    if target_prompt_logprobs is not None:
+        msg.target_prompt_logprobs.CopyFrom(_tensor(target_prompt_logprobs))
+    if prompt_alt_tokens is not None:
+        ids, logprobs = (np.asarray(a) for a in prompt_alt_tokens)
+        if ids.ndim != 2 or ids.shape != logprobs.shape:
+            raise ValueError(f"prompt_alt_tokens: tokens {ids.shape} and logprobs {logprobs.shape} must both be [n, k]")
+        msg.prompt_alt_tokens.tokens.CopyFrom(_tensor(TensorOut(ids.astype(np.int64).ravel(), list(ids.shape))))
+        msg.prompt_alt_tokens.logprobs.CopyFrom(_tensor(TensorOut(logprobs.astype(np.float32).ravel(), list(ids.shape))))
     return msg.SerializeToString()
+
+
+def _tensor(t: TensorOut) -> pb.Tensor:
+    values = np.asarray(t.values)
+    wire, dtype = (np.dtype("<f4"), pb.DTYPE_FLOAT32) if values.dtype.kind == "f" else (np.dtype("<i8"), pb.DTYPE_INT64)
+    msg = pb.Tensor(dtype=dtype, shape=t.shape)
+    if t.csr is None:
+        if values.size != int(np.prod(t.shape)):
+            raise ValueError(f"tensor of shape {t.shape} needs {int(np.prod(t.shape))} values, got {values.size}")
+        msg.dense = values.astype(wire).tobytes()
+    else:
+        crow, col = (np.asarray(a, dtype="<i8") for a in t.csr)
+        msg.sparse_csr.CopyFrom(pb.SparseCsr(values=values.astype(wire).tobytes(), crow_indices=crow.tobytes(),
+                                             col_indices=col.tobytes()))
+    return msg
 
 
 def _topk(pair: tuple[np.ndarray, np.ndarray], what: str) -> pb.TopkLogprobs:

@@ -1,11 +1,14 @@
 """Sampling routes: create_sampling_session, GET samplers/{id}, asample.
 
-`asample` validates the prompt and every SamplingParams field, fills the defaults the SDK
-documents (stop omitted: the model's EOS tokens; `[]`: no stop at all; no seed: a random
-one, the same on every rank) and queues the request for batched sampling.
+`asample` validates the prompt, every SamplingParams field and every logprob option, fills
+the defaults the SDK documents (stop omitted: the model's EOS tokens; `[]`: no stop at all;
+no seed: a random one, the same on every rank) and queues the request for batched sampling.
+The logprob options are read by `handlers.logprob_options`; a `target_prompt_logprobs`
+answer is put back into the request's own layout when the result is encoded.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Any
@@ -17,10 +20,10 @@ from engine.messages import UserError
 from engine.registry import parse_tinker_path
 from handlers.codec import SequenceOut, encode_sample_response, model_input_tokens
 from handlers.common import idempotent, json_body, need, opt, state
+from handlers.logprob_options import TargetLayout, logprob_args
 from handlers.validation import check_tokens
 
 MAX_NUM_SAMPLES = 128
-UNSUPPORTED_YET = ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
 
 
 async def create_sampling_session(request: web.Request) -> web.Response:
@@ -59,10 +62,7 @@ def _stops(stop: Any, eos: list[int]) -> tuple[list[int], list[str]]:
     raise UserError("sampling_params.stop must be a string, a list of strings or a list of token ids")
 
 
-def _sample_args(body: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    for name in UNSUPPORTED_YET:
-        if opt(body, name, int, 0):
-            raise UserError(f"{name} is not supported by this server yet")
+def _sample_args(body: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, Any], int, TargetLayout | None]:
     prompt = np.asarray(model_input_tokens(need(body, "prompt", dict)), dtype=np.int64)
     if prompt.size == 0:
         raise UserError("the prompt has no tokens")
@@ -94,14 +94,20 @@ def _sample_args(body: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, 
         "prompt": prompt, "num_samples": n, "max_tokens": max_tokens, "temperature": temperature,
         "top_k": top_k, "top_p": top_p, "stop_token_ids": stop_ids, "stop_strings": stop_strings,
         "seed": random.getrandbits(62) if seed is None else seed,
-        "prompt_logprobs": bool(body.get("prompt_logprobs")),
     }
-    return args, n
+    options, target_layout = logprob_args(body, prompt.size, n * max_tokens, info["vocab_size"])
+    return {**args, **options}, n, target_layout
 
 
-def _encode_sample(result: dict[str, Any]) -> tuple[bytes, str]:
-    seqs = [SequenceOut(s["tokens"], s["logprobs"], s["stop_reason"]) for s in result["sequences"]]
-    return encode_sample_response(seqs, prompt_logprobs=result.get("prompt_logprobs")), "proto"
+def _encode_sample(result: dict[str, Any], target_layout: TargetLayout | None = None) -> tuple[bytes, str]:
+    seqs = [SequenceOut(s["tokens"], s["logprobs"], s["stop_reason"], s.get("topk_logprobs"))
+            for s in result["sequences"]]
+    targets = None if target_layout is None else target_layout.answer(result["target_prompt_logprobs"])
+    payload = encode_sample_response(
+        seqs, prompt_logprobs=result.get("prompt_logprobs"), topk_prompt_logprobs=result.get("topk_prompt_logprobs"),
+        prompt_cache_hit_tokens=result.get("prompt_cache_hit_tokens", 0), target_prompt_logprobs=targets,
+        prompt_alt_tokens=result.get("prompt_alt_tokens"))
+    return payload, "proto"
 
 
 async def asample(request: web.Request) -> web.Response:
@@ -113,9 +119,9 @@ async def asample(request: web.Request) -> web.Response:
         handle_key = (sampler.sampler_id, seq_id)
         if seq_id is not None and handle_key in st.sample_handles:
             return st.sample_handles[handle_key]
-        args, rows = _sample_args(body, st.model_info(sampler.base_model))
+        args, rows, target_layout = _sample_args(body, st.model_info(sampler.base_model))
         args.update(base_model=sampler.base_model, adapter=sampler.adapter)
-        rid = st.scheduler.submit_sample(args, rows, _encode_sample)
+        rid = st.scheduler.submit_sample(args, rows, functools.partial(_encode_sample, target_layout=target_layout))
         tag = seq_id if seq_id is not None else rid
         reply = {"request_id": rid, "sample_sequence_ids": [f"{sampler.sampler_id}:{tag}:{i}" for i in range(rows)]}
         if seq_id is not None:

@@ -72,11 +72,27 @@ def _full_logprobs(model, tokens):
     return torch.log_softmax(logits, dim=-1)
 
 
+def _plain(x):
+    """numpy arrays / tuples of them -> JSON-able lists (None stays None)."""
+    import numpy as np
+
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        return [_plain(a) for a in x]
+    return np.asarray(x).tolist()
+
+
 def _result_json(res):
     return [
         {
-            "seqs": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop": s.stop_reason} for s in r.sequences],
+            "seqs": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop": s.stop_reason, "topk": _plain(s.topk_logprobs)}
+                     for s in r.sequences],
             "prompt_logprobs": r.prompt_logprobs,
+            "topk_prompt": _plain(r.topk_prompt_logprobs),
+            "targets": _plain(r.target_prompt_logprobs),
+            "alt": _plain(r.prompt_alt_tokens),
+            "hit": r.prompt_cache_hit_tokens,
         }
         for r in res
     ]
@@ -90,10 +106,13 @@ def _mixed_specs():
     from backends.miles.sampler import SampleSpec
 
     return [
-        SampleSpec(PROMPTS[0], num_samples=2, max_tokens=9, temperature=1.0, seed=11, prompt_logprobs=True),
-        SampleSpec(PROMPTS[1], num_samples=3, max_tokens=5, temperature=0.7, top_k=20, seed=12),
-        SampleSpec(PROMPTS[2], num_samples=1, max_tokens=12, temperature=0.0, prompt_logprobs=True),
-        SampleSpec(PROMPTS[3], num_samples=2, max_tokens=7, temperature=1.3, top_p=0.8, seed=13),
+        SampleSpec(PROMPTS[0], num_samples=2, max_tokens=9, temperature=1.0, seed=11, prompt_logprobs=True,
+                   topk_prompt_logprobs=3, topk_sample_logprobs=2),
+        SampleSpec(PROMPTS[1], num_samples=3, max_tokens=5, temperature=0.7, top_k=20, seed=12, topk_sample_logprobs=4),
+        SampleSpec(PROMPTS[2], num_samples=1, max_tokens=12, temperature=0.0, prompt_logprobs=True,
+                   prompt_logprobs_last_n=4, target_prompt_ids=([2, 9, 9], [5, 6, 999]), prompt_alt_tokens_k=2),
+        SampleSpec(PROMPTS[3], num_samples=2, max_tokens=7, temperature=1.3, top_p=0.8, seed=13, prompt_alt_tokens_k=3),
+        SampleSpec(PROMPTS[0], num_samples=1, max_tokens=4, temperature=0.9, seed=14, prompt_alt_tokens_k=2),
     ]
 
 
@@ -213,6 +232,10 @@ def _scenario_tp1(out_dir: Path) -> dict:
         seq.append(t)
     out["shared"] = {"got": r.tokens, "ref": ref_tok}
 
+    out["scores"] = _prompt_score_checks(model)
+    out["sample_topk"] = _sample_topk_checks(model)
+    out["cache"] = _prefix_cache_checks(model)
+
     # baseline for the TP=2 weight check
     full = PROMPTS[0] + [1, 2, 3, 4]
     lp = _full_logprobs(model, full)
@@ -224,6 +247,95 @@ def _scenario_tp1(out_dir: Path) -> dict:
     t0 = time.perf_counter()
     generate(model, bench)
     out["tok_per_s"] = 8 * 32 / (time.perf_counter() - t0)
+    return out
+
+
+def _prompt_score_checks(model) -> dict:
+    """Prompt logprobs / top-k / target ids / alternative draws, and the full-forward reference."""
+    import torch
+
+    from backends.miles.sampler import SampleSpec, generate
+
+    prompt = PROMPTS[2]
+    P = len(prompt)
+    targets = ([0, 3, 3, 9], [7, 42, 999, 0])
+    full = dict(prompt_logprobs=True, topk_prompt_logprobs=5, target_prompt_ids=targets, prompt_alt_tokens_k=4)
+    specs = [
+        SampleSpec(prompt, max_tokens=2, temperature=1.0, seed=3, **full),
+        SampleSpec(prompt, max_tokens=2, temperature=1.0, seed=3, prompt_alt_tokens_k=4),  # same seed: same draws
+        SampleSpec(prompt, max_tokens=2, temperature=1.0, seed=4, prompt_alt_tokens_k=4),
+        SampleSpec(prompt, max_tokens=2, temperature=0.5, seed=5, prompt_alt_tokens_k=3),
+        SampleSpec(prompt, max_tokens=2, temperature=0.0, prompt_alt_tokens_k=2),
+        SampleSpec(prompt, max_tokens=2, prompt_logprobs=True, topk_prompt_logprobs=3, prompt_logprobs_last_n=3),
+        SampleSpec([77], max_tokens=2, prompt_logprobs=True, topk_prompt_logprobs=2, prompt_alt_tokens_k=2),
+    ]
+    lp = _full_logprobs(model, prompt)  # row p: distribution of position p + 1
+    top_v, top_i = torch.topk(lp[: P - 1], 5, dim=-1)
+    return {
+        "P": P,
+        "targets": [list(t) for t in targets],
+        "results": _result_json(generate(model, specs)),
+        "ref_plp": [float("nan")] + [float(lp[p - 1, prompt[p]]) for p in range(1, P)],
+        "ref_top_ids": top_i.tolist(),
+        "ref_top_lps": top_v.tolist(),
+        "ref_lp": lp[: P - 1].tolist(),  # [P-1, V]: enough to score any draw at any temperature
+        "argmax": lp[: P - 1].argmax(-1).tolist(),
+    }
+
+
+def _sample_topk_checks(model) -> dict:
+    """Top-k tables of sampled tokens, with the full-forward reference of each sequence."""
+    from backends.miles.sampler import SampleSpec, generate
+
+    prompt = PROMPTS[0]
+    specs = [
+        SampleSpec(prompt, max_tokens=6, temperature=1.0, seed=21, topk_sample_logprobs=5),
+        SampleSpec(prompt, max_tokens=6, temperature=0.8, top_k=2, seed=22, topk_sample_logprobs=4),
+        SampleSpec(prompt, max_tokens=6, temperature=0.0, topk_sample_logprobs=3),
+    ]
+    res = generate(model, specs)
+    refs = []
+    for r in res:
+        toks = r.sequences[0].tokens
+        lp = _full_logprobs(model, prompt + toks)[len(prompt) - 1 : len(prompt) - 1 + len(toks)]
+        refs.append(lp.tolist())
+    return {"results": _result_json(res), "ref_lp": refs}
+
+
+def _prefix_cache_checks(model) -> dict:
+    """The same requests with and without a prefix cache, multi-turn, adapters, budget."""
+    from backends.miles.prefix_cache import PrefixCache
+    from backends.miles.sampler import SampleSpec, generate
+
+    prompt = PROMPTS[2]
+    cache = PrefixCache()
+
+    def both(specs):
+        return _result_json(generate(model, specs)), _result_json(generate(model, specs, prefix_cache=cache))
+
+    out = {"P": len(prompt)}
+    turn1 = [SampleSpec(prompt, num_samples=2, max_tokens=8, temperature=1.0, seed=31)]
+    out["cold"] = both(turn1)
+    out["warm"] = both(turn1)
+    answer = out["warm"][1][0]["seqs"][1]["tokens"]
+    prompt2 = prompt + answer + [5, 6]
+    out["turn2_len"] = len(prompt2)
+    out["answer_len"] = len(answer)
+    # a second turn, batched with a new prompt, one asking for its last 3 prompt logprobs, one greedy
+    out["turn2"] = both([
+        SampleSpec(prompt2, max_tokens=6, temperature=1.0, seed=32, topk_sample_logprobs=2),
+        SampleSpec(prompt2, max_tokens=3, temperature=0.0, prompt_logprobs=True, prompt_logprobs_last_n=3,
+                   topk_prompt_logprobs=2),
+        SampleSpec([900, 901, 902], max_tokens=5, temperature=1.0, seed=33),
+    ])
+    out["other_adapter"] = both([SampleSpec(prompt, max_tokens=4, temperature=0.0, adapter="other")])
+    out["full_prompt_logprobs"] = both([SampleSpec(prompt2, max_tokens=2, temperature=0.0, prompt_logprobs=True)])
+    small = PrefixCache(max_tokens=24)
+    sizes = []
+    for i in range(6):
+        generate(model, [SampleSpec([100 + i] * 9, max_tokens=4, temperature=0.0)], prefix_cache=small)
+        sizes.append(small.tokens)
+    out["budget"] = {"sizes": sizes, "entries": len(small)}
     return out
 
 
@@ -322,6 +434,43 @@ def _close(a, b, tol):
             assert abs(x - y) <= tol, (a, b)
 
 
+def _close2(a, b, tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        _close(x, y, tol)
+
+
+def _same_extras(x, y, tol):
+    """Everything but the sampled tokens/logprobs of two results of the same spec agrees."""
+    for key in ("prompt_logprobs", "targets"):
+        if y[key] is None:
+            assert x[key] is None
+        else:
+            _close(x[key], y[key], tol)
+    for key in ("topk_prompt", "alt"):
+        if y[key] is None:
+            assert x[key] is None
+        else:
+            assert x[key][0] == y[key][0]  # token ids
+            _close2(x[key][1], y[key][1], tol)
+    for sx, sy in zip(x["seqs"], y["seqs"]):
+        if sy["topk"] is None:
+            assert sx["topk"] is None
+        else:
+            assert sx["topk"][0] == sy["topk"][0]
+            _close2(sx["topk"][1], sy["topk"][1], tol)
+
+
+EMPTY = (0, -99999.0)
+
+
+def _log_softmax(row, temperature=1.0):
+    import numpy as np
+
+    x = np.asarray(row, dtype=np.float64) / temperature
+    return x - np.logaddexp.reduce(x)
+
+
 def test_greedy_matches_full_recompute(runs):
     g = runs["tp1"]["greedy"]
     assert g["got"] == g["ref"]
@@ -348,10 +497,7 @@ def test_batching_does_not_change_results(runs):
             assert [s["stop"] for s in x["seqs"]] == [s["stop"] for s in y["seqs"]]
             for sx, sy in zip(x["seqs"], y["seqs"]):
                 _close(sx["logprobs"], sy["logprobs"], 1e-4)  # fp32 noise of other batch shapes
-            if y["prompt_logprobs"] is None:
-                assert x["prompt_logprobs"] is None
-            else:
-                _close(x["prompt_logprobs"], y["prompt_logprobs"], 1e-4)
+            _same_extras(x, y, 1e-4)
     # each row honours its own spec: max_tokens, sample count
     want = [(2, 9), (3, 5), (1, 12), (2, 7)]
     for r, (n, m) in zip(b["together"], want):
@@ -412,6 +558,136 @@ def test_route_gets_one_adapter_per_row(runs):
     assert all(c for c in calls)
 
 
+def test_prompt_scores_match_full_forward(runs):
+    sc = runs["tp1"]["scores"]
+    P, ref_lp, res = sc["P"], sc["ref_lp"], sc["results"]
+    full, same_seed, other_seed, cool, greedy, last_n, single = res
+    # prompt logprobs: NaN at 0, the full forward's log-softmax elsewhere
+    _close(full["prompt_logprobs"], sc["ref_plp"], 1e-4)
+    # top-k: [P, 5]; row 0 empty; row p = the 5 most likely tokens for position p, best first
+    ids, lps = full["topk_prompt"]
+    assert len(ids) == P and all(len(row) == 5 for row in ids)
+    assert all((i, v) == EMPTY for i, v in zip(ids[0], lps[0]))
+    assert ids[1:] == sc["ref_top_ids"]
+    _close2(lps[1:], sc["ref_top_lps"], 1e-4)
+    # target ids: the log-prob of each (row, id) at position row + 1
+    rows, tids = sc["targets"]
+    _close(full["targets"], [ref_lp[r][t] for r, t in zip(rows, tids)], 1e-4)
+    # alternative draws: [P-1, k], scored under the distribution they were drawn from
+    for r, temperature in ((full, 1.0), (cool, 0.5)):
+        alt_ids, alt_lps = r["alt"]
+        assert len(alt_ids) == P - 1
+        for i in range(P - 1):
+            want = _log_softmax(ref_lp[i], temperature)
+            _close(alt_lps[i], [float(want[t]) for t in alt_ids[i]], 1e-4)
+    assert same_seed["alt"][0] == full["alt"][0]
+    assert other_seed["alt"][0] != full["alt"][0]
+    assert len({t for row in full["alt"][0] for t in row}) > P  # real draws, not one token per row
+    assert greedy["alt"][0] == [[t, t] for t in sc["argmax"]]
+    _close2(greedy["alt"][1], [[ref_lp[i][t]] * 2 for i, t in enumerate(sc["argmax"])], 1e-4)
+    # last_n = 3: only the last three positions are scored (logprobs and top-k)
+    plp = last_n["prompt_logprobs"]
+    assert all(math.isnan(x) for x in plp[: P - 3])
+    _close(plp[P - 3 :], sc["ref_plp"][P - 3 :], 1e-4)
+    ids, lps = last_n["topk_prompt"]
+    assert all((i, v) == EMPTY for row_i, row_v in zip(ids[: P - 3], lps[: P - 3]) for i, v in zip(row_i, row_v))
+    assert ids[P - 3 :] == [row[:3] for row in sc["ref_top_ids"][P - 4 :]]
+    # a one-token prompt: nothing to score, shapes still right
+    assert math.isnan(single["prompt_logprobs"][0]) and len(single["prompt_logprobs"]) == 1
+    assert single["topk_prompt"] == [[[0, 0]], [[-99999.0, -99999.0]]]
+    assert single["alt"] == [[], []]
+
+
+def test_sampled_topk_tables(runs):
+    st = runs["tp1"]["sample_topk"]
+    plain, top2, greedy = st["results"]
+    for r, ref in zip(st["results"], st["ref_lp"]):
+        seq = r["seqs"][0]
+        assert len(seq["topk"][0]) == len(seq["tokens"]) == len(ref)
+    # temperature 1, no filter: the model's own top 5; the sampled token's cell matches its logprob
+    seq = plain["seqs"][0]
+    for step, (ids, lps) in enumerate(zip(*seq["topk"])):
+        want = sorted(range(len(st["ref_lp"][0][step])), key=lambda t: -st["ref_lp"][0][step][t])[:5]
+        assert ids == want
+        _close(lps, [st["ref_lp"][0][step][t] for t in want], 1e-4)
+        if seq["tokens"][step] in ids:
+            assert abs(lps[ids.index(seq["tokens"][step])] - seq["logprobs"][step]) < 1e-5
+    # top_k=2 at temperature 0.8: two cells (renormalised over the two), then empty cells
+    seq = top2["seqs"][0]
+    for step, (ids, lps) in enumerate(zip(*seq["topk"])):
+        ref = st["ref_lp"][1][step]
+        a, b = sorted(range(len(ref)), key=lambda t: -ref[t])[:2]
+        pair = _log_softmax([ref[a], ref[b]], 0.8)
+        assert ids[:2] == [a, b] and (ids[2:], lps[2:]) == ([0, 0], [-99999.0, -99999.0])
+        _close(lps[:2], list(pair), 1e-4)
+        assert seq["tokens"][step] in (a, b)
+        assert abs(lps[ids.index(seq["tokens"][step])] - seq["logprobs"][step]) < 1e-5
+    # greedy: the model's top 3, the sampled token first
+    seq = greedy["seqs"][0]
+    for step, (ids, lps) in enumerate(zip(*seq["topk"])):
+        assert ids[0] == seq["tokens"][step]
+        _close(lps, [st["ref_lp"][2][step][t] for t in ids], 1e-4)
+
+
+def _same_results(nocache, cached, tol=1e-4):  # fp32 noise of other shapes, as batching
+    for x, y in zip(cached, nocache):
+        assert [s["tokens"] for s in x["seqs"]] == [s["tokens"] for s in y["seqs"]]
+        for sx, sy in zip(x["seqs"], y["seqs"]):
+            _close(sx["logprobs"], sy["logprobs"], tol)
+        _same_extras(x, y, tol)
+
+
+def test_prefix_cache_reuses_kv_without_changing_results(runs):
+    c = runs["tp1"]["cache"]
+    P = c["P"]
+    for case in ("cold", "warm", "turn2", "other_adapter", "full_prompt_logprobs"):
+        nocache, cached = c[case]
+        assert all(r["hit"] == 0 for r in nocache)
+        _same_results(nocache, cached)
+    assert c["cold"][1][0]["hit"] == 0
+    assert c["warm"][1][0]["hit"] == P - 1  # all but the last prompt token
+    # second turn = prompt + sampled answer + 2 tokens: everything the first turn computed is reused
+    turn2 = c["turn2"][1]
+    assert turn2[0]["hit"] == P + c["answer_len"] - 1
+    assert turn2[1]["hit"] == c["turn2_len"] - 4  # last_n=3 needs the hidden state before the last three
+    assert turn2[2]["hit"] == 0
+    plp = turn2[1]["prompt_logprobs"]
+    assert sum(not math.isnan(x) for x in plp) == 3
+    assert c["other_adapter"][1][0]["hit"] == 0  # another adapter never sees these K/V
+    assert c["full_prompt_logprobs"][1][0]["hit"] == 0  # every hidden state needed: nothing reusable
+    budget = c["budget"]
+    assert max(budget["sizes"]) <= 24 and budget["entries"] <= 2
+
+
+def test_prefix_cache_bookkeeping():
+    import torch
+
+    from backends.miles.prefix_cache import PrefixCache
+
+    def kv(n):
+        return lambda: [(torch.full((2, n, 4), float(n)), torch.zeros(2, n, 4))]
+
+    cache = PrefixCache(max_tokens=20)
+    cache.insert("a", [1, 2, 3, 4], kv(4))
+    assert cache.lookup("a", [1, 2, 3, 9, 9], limit=10)[0] == 3  # longest common prefix
+    assert cache.lookup("a", [1, 2, 3, 4, 5], limit=2)[0] == 2  # capped by the caller's limit
+    assert cache.lookup("b", [1, 2, 3, 4, 5], limit=10) == (0, None)  # other adapters never match
+    assert cache.lookup(None, [1, 2, 3, 4, 5], limit=10) == (0, None)
+    cache.insert("a", [1, 2, 3, 4, 5, 6], kv(6))  # extends the first entry, which is dropped
+    assert len(cache) == 1 and cache.tokens == 6
+    cache.insert("a", [1, 2, 3], kv(3))  # already covered: nothing new stored
+    assert len(cache) == 1
+    n, got = cache.lookup("a", [1, 2, 3, 4, 5, 6, 7], limit=10)
+    assert n == 6 and got[0][0].shape == (2, 6, 4)
+    cache.insert("b", [7] * 8, kv(8))
+    cache.insert("a", [9] * 8, kv(8))  # 22 tokens > 20: the least recently used entry goes
+    assert cache.tokens == 16 and cache.lookup("a", [1, 2, 3], limit=10) == (0, None)
+    cache.insert("a", [5] * 21, kv(21))  # longer than the whole budget: not stored
+    assert cache.tokens == 16
+    cache.retain(lambda adapter: adapter != "b")
+    assert cache.tokens == 8 and cache.lookup("b", [7] * 8, limit=10) == (0, None)
+
+
 def test_tp2_matches_tp1(runs):
     tp2 = _launch("tp2", 2, runs["dir"])
     tp1 = runs["tp1"]
@@ -421,8 +697,7 @@ def test_tp2_matches_tp1(runs):
             assert [s["tokens"] for s in x["seqs"]] == [s["tokens"] for s in y["seqs"]]
             for sx, sy in zip(x["seqs"], y["seqs"]):
                 _close(sx["logprobs"], sy["logprobs"], 1e-5)
-            if y["prompt_logprobs"] is not None:
-                _close(x["prompt_logprobs"], y["prompt_logprobs"], 1e-5)
+            _same_extras(x, y, 1e-4)  # low-probability cells carry more fp32 noise
     assert tp2[0]["batch"] == tp2[1]["batch"]  # every rank returns the same thing
 
 

@@ -96,3 +96,193 @@ def test_default_stop_is_the_models_eos(service_client):
     for s in out.sequences:
         if s.stop_reason == "stop":
             assert s.tokens[-1] in (151645, 151643)
+
+
+# ---- logprob options ---------------------------------------------------------------------
+SCORED = PROMPT.to_ints() + [100, 200, 300, 400]  # a prompt long enough for per-position options
+
+
+def _trainer_logprobs(tc, tokens):
+    """The trainer's log p(tokens[i] | tokens[:i]) for i >= 1."""
+    return logprobs_of(tc.forward([sft_datum(tokens[:1], tokens[1:])], "cross_entropy").result())[0]
+
+
+def _score(sampler, tokens=SCORED, **options):
+    params = types.SamplingParams(max_tokens=1, temperature=0.0, stop=[])
+    return sampler.sample(types.ModelInput.from_ints(tokens), 1, params, **options).result()
+
+
+def test_prompt_logprobs_top_k_and_target_ids_agree_with_the_trainer(trained):
+    import torch
+
+    tc, sampler = trained
+    P = len(SCORED)
+    trainer = _trainer_logprobs(tc, SCORED)
+    targets = torch.full((P - 1, 2), -1, dtype=torch.int64)
+    targets[:, 0] = torch.tensor(SCORED[1:])  # the real next token at every position ...
+    targets[3, 1] = 7  # ... and one extra id at position 4
+    out = _score(sampler, include_prompt_logprobs=True, topk_prompt_logprobs=3,
+                 target_prompt_logprobs=types.TensorData.from_torch(targets))
+    assert out.prompt_logprobs[0] is None
+    np.testing.assert_allclose(np.array(out.prompt_logprobs[1:], dtype=np.float64), trainer, atol=1e-4)
+    # top-k: nothing at position 0; then the 3 likeliest tokens, best first, the real one among them when likely
+    assert out.topk_prompt_logprobs[0] is None and len(out.topk_prompt_logprobs) == P
+    for p in range(1, P):
+        row = out.topk_prompt_logprobs[p]
+        assert len(row) == 3 and [lp for _, lp in row] == sorted((lp for _, lp in row), reverse=True)
+        assert row[0][1] >= out.prompt_logprobs[p] - 1e-5
+        cell = dict(row).get(SCORED[p])
+        assert cell is None or abs(cell - out.prompt_logprobs[p]) < 1e-5
+    # targets: same shape, the real tokens' logprobs, 0.0 where the request had -1
+    got = out.target_prompt_logprobs
+    assert got.shape == [P - 1, 2] and got.sparse_crow_indices is None
+    got = got.to_numpy().reshape(P - 1, 2)
+    np.testing.assert_allclose(got[:, 0], trainer, atol=1e-4)
+    assert got[3, 1] < 0 and np.all(np.delete(got[:, 1], 3) == 0.0)
+
+
+def test_sparse_target_ids_come_back_in_the_same_layout(trained):
+    import torch
+
+    tc, sampler = trained
+    P = len(SCORED)
+    trainer = _trainer_logprobs(tc, SCORED)
+    ids = torch.full((P - 1, 4), -1, dtype=torch.int64)
+    ids[P - 2, 2] = SCORED[P - 1]  # the last prompt token, in column 2 of the last row
+    ids[5, 0] = SCORED[6]
+    request = types.TensorData.from_torch_sparse(ids, pad_value=-1)
+    assert request.sparse_crow_indices is not None  # the SDK really sends CSR
+    got = _score(sampler, target_prompt_logprobs=request).target_prompt_logprobs
+    assert got.shape == [P - 1, 4]
+    assert got.sparse_crow_indices == request.sparse_crow_indices
+    assert got.sparse_col_indices == request.sparse_col_indices
+    np.testing.assert_allclose(np.asarray(got.data), [trainer[5], trainer[P - 2]], atol=1e-4)  # row-major cells
+    dense = got.to_numpy()  # unlisted cells read as 0.0
+    assert dense[5, 0] == got.data[0] and dense[P - 2, 2] == got.data[1] and np.count_nonzero(dense) == 2
+
+
+def test_prompt_logprobs_last_n_scores_only_the_suffix(trained):
+    _, sampler = trained
+    P = len(SCORED)
+    whole = _score(sampler, include_prompt_logprobs=True, topk_prompt_logprobs=2)
+    last = _score(sampler, include_prompt_logprobs=True, topk_prompt_logprobs=2, prompt_logprobs_last_n=3)
+    assert last.prompt_logprobs[: P - 3] == [None] * (P - 3)
+    np.testing.assert_allclose(last.prompt_logprobs[P - 3 :], whole.prompt_logprobs[P - 3 :], atol=1e-5)
+    assert last.topk_prompt_logprobs[: P - 3] == [None] * (P - 3)
+    assert [[t for t, _ in row] for row in last.topk_prompt_logprobs[P - 3 :]] == \
+        [[t for t, _ in row] for row in whole.topk_prompt_logprobs[P - 3 :]]
+
+
+def test_topk_sample_logprobs_describe_the_distribution_sampled_from(trained):
+    _, sampler = trained
+    free = sampler.sample(PROMPT, 2, types.SamplingParams(max_tokens=6, seed=41, stop=[]),
+                          topk_sample_logprobs=4).result()
+    top2 = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=6, seed=42, top_k=2, stop=[]),
+                          topk_sample_logprobs=4).result()
+    for seq in free.sequences + top2.sequences:
+        assert len(seq.topk_logprobs) == len(seq.tokens) == 6
+        for token, lp, row in zip(seq.tokens, seq.logprobs, seq.topk_logprobs):
+            assert [v for _, v in row] == sorted((v for _, v in row), reverse=True)
+            if token in dict(row):
+                assert abs(dict(row)[token] - lp) < 1e-5
+    assert all(len(row) == 4 for seq in free.sequences for row in seq.topk_logprobs)
+    # top_k=2 sampling: only the two allowed tokens have a probability; the sampled one is one of them
+    for token, row in zip(top2.sequences[0].tokens, top2.sequences[0].topk_logprobs):
+        assert len(row) == 2 and token in dict(row)
+        assert abs(np.logaddexp(row[0][1], row[1][1])) < 1e-5  # renormalised over the two
+
+
+def test_prompt_alt_tokens_are_seeded_draws_scored_like_targets(trained):
+    _, sampler = trained
+    P = len(SCORED)
+
+    def draws(seed):
+        params = types.SamplingParams(max_tokens=1, temperature=1.0, seed=seed, stop=[])
+        return sampler.sample(types.ModelInput.from_ints(SCORED), 1, params, prompt_alt_tokens_k=3).result()
+
+    a, b, c = draws(1), draws(1), draws(2)
+    tokens, logprobs = a.prompt_alt_tokens.tokens.to_numpy(), a.prompt_alt_tokens.logprobs.to_numpy()
+    assert a.prompt_alt_tokens.tokens.shape == [P - 1, 3] and a.prompt_alt_tokens.tokens.dtype == "int64"
+    assert np.array_equal(tokens, b.prompt_alt_tokens.tokens.to_numpy())  # the same seed draws the same
+    assert not np.array_equal(tokens, c.prompt_alt_tokens.tokens.to_numpy())
+    # at temperature 1 a draw's logprob is the model's: score the drawn ids as targets
+    target = types.TensorData(data=tokens.ravel().tolist(), dtype="int64", shape=[P - 1, 3])
+    scored = _score(sampler, target_prompt_logprobs=target).target_prompt_logprobs.to_numpy()
+    np.testing.assert_allclose(logprobs.reshape(P - 1, 3), scored, atol=1e-4)
+
+
+def test_record_stability_info_is_accepted(trained):
+    tc, _ = trained
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    out = _sample(sampler, 2, max_tokens=3, seed=1, stop=[])
+    assert all(len(s.tokens) == len(s.logprobs) == 3 for s in out.sequences)
+
+
+# ---- prefix cache ------------------------------------------------------------------------
+def test_prefix_cache_serves_multi_turn_prompts_with_identical_results(trained, service_client):
+    _, sampler = trained
+    turn1 = types.ModelInput.from_ints([4000 + i for i in range(12)])  # used by no other test
+    params = dict(max_tokens=6, temperature=1.0, seed=51, stop=[])
+    first = _sample(sampler, prompt=turn1, **params)
+    again = _sample(sampler, prompt=turn1, **params)
+    assert first.prompt_cache_hit_tokens == 0
+    assert again.prompt_cache_hit_tokens == turn1.length - 1  # all but the last prompt token
+    assert again.sequences[0].tokens == first.sequences[0].tokens
+    np.testing.assert_allclose(again.sequences[0].logprobs, first.sequences[0].logprobs, atol=1e-4)
+    # the next turn repeats the first turn and its answer: the answer's K/V is reused too
+    answer = first.sequences[0].tokens
+    turn2 = types.ModelInput.from_ints(turn1.to_ints() + answer + [4100, 4101])
+    cached = _sample(sampler, prompt=turn2, **params)
+    assert cached.prompt_cache_hit_tokens == turn1.length + len(answer) - 1
+    # full prompt logprobs need every position computed: the same request without the cache
+    uncached = sampler.sample(turn2, 1, types.SamplingParams(**params), include_prompt_logprobs=True).result()
+    assert uncached.prompt_cache_hit_tokens == 0
+    assert cached.sequences[0].tokens == uncached.sequences[0].tokens
+    np.testing.assert_allclose(cached.sequences[0].logprobs, uncached.sequences[0].logprobs, atol=1e-4)
+    # other weights never see this sampler's K/V
+    base = service_client.create_sampling_client(base_model=QWEN).result()
+    assert _sample(base, prompt=turn1, **params).prompt_cache_hit_tokens == 0
+
+
+# ---- bad input ---------------------------------------------------------------------------
+def test_bad_logprob_options_get_clear_errors(server, trained):
+    from tests.helpers import RawClient
+
+    raw = RawClient(server.url)
+    session = raw.session()
+    sampler_id = raw.post("create_sampling_session", {"session_id": session, "sampling_session_seq_id": 0,
+                                                      "base_model": QWEN}).json()["sampling_session_id"]
+    P = 5
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": [11, 12, 13, 14, 15]}]}
+
+    def asample(**fields):
+        body = {"num_samples": 1, "prompt": prompt, "sampling_params": {"max_tokens": 2}, "type": "sample",
+                "sampling_session_id": sampler_id, **fields}
+        return raw.post("asample", body)
+
+    def target(data, shape, **csr):
+        return {"data": data, "dtype": "int64", "shape": shape, **csr}
+
+    cases = [
+        (dict(topk_prompt_logprobs=-1), "topk_prompt_logprobs must be 0 or greater"),
+        (dict(topk_sample_logprobs=10**7), "larger than the vocabulary"),
+        (dict(prompt_alt_tokens_k=-2), "prompt_alt_tokens_k must be 0 or greater"),
+        (dict(prompt_logprobs=True, prompt_logprobs_last_n=P), "between 1 and len(prompt) - 1 = 4"),
+        (dict(prompt_logprobs_last_n=2), "set prompt_logprobs"),
+        (dict(target_prompt_logprobs=target([1, 2, 3], [3, 1])), "needs len(prompt) - 1 = 4 rows"),
+        (dict(target_prompt_logprobs=target([1, 2, 3], [4, 1])), "needs 4 values"),
+        (dict(target_prompt_logprobs=target([-1] * 4, [4, 1])), "names no token id"),
+        (dict(target_prompt_logprobs=target([1, 2, 3, 10**7], [4, 1])), "outside the vocabulary"),
+        (dict(target_prompt_logprobs={**target([1, 2, 3, 4], [4, 1]), "dtype": "float32"}), "int64"),
+        (dict(target_prompt_logprobs=target([5], [4, 2], sparse_crow_indices=[0, 1, 1, 1, 1],
+                                            sparse_col_indices=[2])), "sparse_col_indices"),
+    ]
+    for fields, needle in cases:
+        r = asample(**fields)
+        assert r.status_code == 400 and needle in r.json()["error"], (fields, r.text)
+    # the server is fine: a good request with every option still works
+    ok = asample(prompt_logprobs=True, topk_prompt_logprobs=2, topk_sample_logprobs=2, prompt_alt_tokens_k=2,
+                 prompt_logprobs_last_n=2, record_stability_info=True,
+                 target_prompt_logprobs=target([5], [4, 2], sparse_crow_indices=[0, 0, 0, 1, 1], sparse_col_indices=[1]))
+    assert ok.status_code == 200 and len(ok.json()["sample_sequence_ids"]) == 1
+    assert isinstance(raw.result(ok.json()["request_id"]), bytes)  # a protobuf SampleResponse

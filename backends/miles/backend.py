@@ -8,27 +8,30 @@ SGLang behind the same `sample` operation.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from backends.base import TrainingBackend
 from backends.common.losses import compute_loss
-from backends.common.optimizer import AdapterOptimizer
+from backends.common.optimizer import MOMENT_KINDS, AdapterOptimizer
+from backends.miles.hf_checkpoint import read_hf_config
 from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model, token_logprobs
 from backends.miles.parallel import ParallelDims, init_distributed, tp_rank
-from backends.miles.sampler import SampleSpec, generate
+from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
+                                        read_optimizer, to_peft, write_checkpoint)
+from backends.miles.prefix_cache import PrefixCache
+from backends.miles.sampler import SampleResult, SampleSpec, generate
 from engine.batch import unpack_datums
 from engine.messages import UserError
+from engine.registry import stamped
 
 MAX_SNAPSHOTS = 64  # frozen sampler adapters kept in memory (least recently used go first)
 
@@ -66,6 +69,7 @@ class MilesBackend(TrainingBackend):
             self.bases[name] = _Base(name, path, ModelInfo.from_dir(path), model, LoraManager(model))
         self.runs: dict[str, _Run] = {}
         self.snapshots: OrderedDict[str, _Base] = OrderedDict()  # snapshot key -> its base model
+        self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {
@@ -85,9 +89,7 @@ class MilesBackend(TrainingBackend):
         base = self.bases[base_model]
         flags = dict(train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed)
         base.lora.add_adapter(model_id, rank, alpha, seed=seed, **flags)
-        from megatron.core import parallel_state
-
-        opt = AdapterOptimizer(base.lora.adapter_params(model_id), parallel_state.get_tensor_model_parallel_group())
+        opt = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group())
         self.runs[model_id] = _Run(base, opt, {"rank": rank, "alpha": alpha, **flags})
         return {"model_id": model_id}
 
@@ -101,10 +103,13 @@ class MilesBackend(TrainingBackend):
     def forward_backward(self, model_id, batch, loss_fn, loss_fn_config, forward_only):
         run = self._run(model_id)
         tokens, inputs = unpack_datums(batch)
+        for inp, extra in zip(inputs, batch.get("datum_inputs", ())):  # a custom loss's inputs, any shape
+            inp.update(extra)
         lengths = [len(t) for t in tokens]
         rows, seq_len = len(tokens), max(lengths)
+        top_k = tuple(inputs[0]["target_tokens"].shape[1:])  # () or (K,): K targets per position
         tok = torch.zeros(rows, seq_len, dtype=torch.long)
-        tgt = torch.zeros(rows, seq_len, dtype=torch.long)
+        tgt = torch.zeros(rows, seq_len, *top_k, dtype=torch.long)
         for i, (t, inp) in enumerate(zip(tokens, inputs)):
             tok[i, : lengths[i]] = t
             tgt[i, : lengths[i]] = inp["target_tokens"]
@@ -113,35 +118,106 @@ class MilesBackend(TrainingBackend):
             lps = [lp[i, :n] for i, n in enumerate(lengths)]
             inputs = [{k: v.to(self.device) for k, v in inp.items()} for inp in inputs]
             loss, elementwise, metrics = compute_loss(loss_fn, lps, inputs, loss_fn_config)
-            if not forward_only:
+            if not forward_only and loss.requires_grad:  # a custom loss may not depend on the logprobs
                 loss.backward()
-        outputs = [{"logprobs": l.detach().float().cpu(), "elementwise_loss": e.detach().float().cpu()}
-                   for l, e in zip(lps, elementwise)]
+        outputs = [{"logprobs": l.detach().float().cpu()} for l in lps]
+        for out, e in zip(outputs, elementwise or ()):  # custom losses have no per-token loss
+            out["elementwise_loss"] = e.detach().float().cpu()
         return {"outputs": outputs, "metrics": metrics}
 
     def optim_step(self, model_id, adam):
         return {"metrics": self._run(model_id).optimizer.step(adam)}
 
-    # ---- sampler snapshots ---------------------------------------------------------------
+    # ---- checkpoints and sampler snapshots -----------------------------------------------
     def save_for_sampler(self, model_id, sampler_key, path, meta):
         run = self._run(model_id)
-        lora = run.base.lora
-        lora.clone_adapter(model_id, sampler_key, trainable=False)
+        run.base.lora.clone_adapter(model_id, sampler_key, trainable=False)
         self._remember(sampler_key, run.base)
         if path is not None:
-            full = lora.gather_full_state(lora.adapter_state(sampler_key))  # collective
-            if tp_rank() == 0:
-                _write_checkpoint(Path(path), full, {**meta, "lora": run.spec})
-            _barrier()
+            self._write_checkpoint(run, sampler_key, Path(path), meta, optimizer=None)
         return {"sampler_key": sampler_key}
 
-    def _load_snapshot(self, base: _Base, key: str, path: str) -> None:
-        """Load a saved adapter (full layout, so any TP degree can read it) as a frozen one."""
+    def save_checkpoint(self, model_id, path, meta, overwrite, with_optimizer):
+        run = self._run(model_id)
+        if Path(path).exists() and not overwrite:
+            raise UserError(f"checkpoint {meta['tinker_path']} already exists; save under another name "
+                            "or pass overwrite=True")
+        optimizer = self._full_moments(run) if with_optimizer else None  # collective
+        self._write_checkpoint(run, model_id, Path(path), meta, optimizer)
+        return {"path": path}
+
+    def load_checkpoint(self, model_id, base_model, path, with_optimizer):
+        base = self.bases[base_model]
         folder = Path(path)
-        lora = json.loads((folder / "tinkercloud.json").read_text())["lora"]
-        full = load_file(str(folder / "adapter.safetensors"))
-        base.lora.load_adapter_state(key, base.lora.shard_full_state(full), rank=lora["rank"],
-                                     alpha=lora["alpha"], trainable=False)
+        flags = self._install(base, model_id, folder, trainable=True)
+        optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group())
+        if with_optimizer:
+            try:
+                optimizer.load_moments(self._local_moments(base, read_optimizer(folder)))
+            except (KeyError, ValueError) as e:
+                raise UserError(f"the checkpoint's optimizer state does not fit its adapter: {e}") from None
+        self.runs[model_id] = _Run(base, optimizer, flags)
+        return {"model_id": model_id}
+
+    def _write_checkpoint(self, run: _Run, adapter: str, folder: Path, meta: dict[str, Any],
+                          optimizer: dict[str, torch.Tensor] | None) -> None:
+        """Gather the adapter's full layout (collective); rank 0 writes it as a PEFT folder."""
+        lora = run.base.lora
+        full = lora.gather_full_state(lora.adapter_state(adapter))
+        failure = None
+        if tp_rank() == 0:
+            try:
+                write_checkpoint(folder, to_peft(full, self._layout(run.base)), adapter_config(run.spec, run.base.name),
+                                 stamped(meta, time.time()), optimizer)
+            except Exception as e:  # noqa: BLE001 - re-raised after the barrier, so no rank waits for ever
+                failure = e
+        _barrier()
+        if failure is not None:
+            raise failure
+
+    def _full_moments(self, run: _Run) -> dict[str, torch.Tensor]:
+        """The AdamW state as flat `<factor>.<kind>` tensors in full layout (collective)."""
+        moments = run.optimizer.moments()
+        flat = {f"{name}.step": step for name, step in moments.get("step", {}).items()}
+        for kind in ("exp_avg", "exp_avg_sq"):
+            if kind in moments:
+                flat.update({f"{name}.{kind}": t for name, t in run.base.lora.gather_full_state(moments[kind]).items()})
+        return flat
+
+    @staticmethod
+    def _local_moments(base: _Base, flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Inverse of `_full_moments`, as this rank's shards."""
+        moments: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in MOMENT_KINDS}
+        for key, value in flat.items():
+            name, _, kind = key.rpartition(".")
+            moments[kind][name] = value
+        for kind in ("exp_avg", "exp_avg_sq"):
+            moments[kind] = base.lora.shard_full_state(moments[kind])
+        return moments
+
+    def _install(self, base: _Base, name: str, folder: Path, trainable: bool) -> dict[str, Any]:
+        """Load the PEFT adapter saved in `folder` as adapter `name` (any TP degree can read it);
+        returns its LoRA flags."""
+        tensors, config = read_adapter(folder)
+        flags = lora_flags(config)
+        full = from_peft(tensors, self._layout(base))
+        try:
+            base.lora.load_adapter_state(name, base.lora.shard_full_state(full), rank=flags["rank"],
+                                         alpha=flags["alpha"], trainable=trainable)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"the checkpoint does not fit {base.name}: {e}") from None
+        return flags
+
+    @staticmethod
+    def _layout(base: _Base) -> FusedLayout:
+        return FusedLayout.from_hf_config(read_hf_config(base.path), base.model.output_layer.output_size)
+
+    def _load_snapshot(self, base: _Base, key: str, path: str) -> None:
+        """Load a saved sampler checkpoint as the frozen adapter `key`."""
+        folder = Path(path)
+        if read_meta(folder).get("snapshot_id") != key:
+            raise UserError("the checkpoint this sampler was created from has been overwritten or deleted since")
+        self._install(base, key, folder, trainable=False)
         self._remember(key, base)
 
     def _remember(self, key: str, base: _Base) -> None:
@@ -179,34 +255,39 @@ class MilesBackend(TrainingBackend):
                 prompt=[int(t) for t in req["prompt"]], num_samples=req["num_samples"], max_tokens=req["max_tokens"],
                 temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"],
                 stop_token_ids=tuple(req["stop_token_ids"]), stop_strings=tuple(req["stop_strings"]),
-                seed=req["seed"], prompt_logprobs=req["prompt_logprobs"], adapter=adapter)
+                seed=req["seed"], prompt_logprobs=req["prompt_logprobs"], adapter=adapter,
+                prompt_logprobs_last_n=req.get("prompt_logprobs_last_n"),
+                topk_prompt_logprobs=req.get("topk_prompt_logprobs", 0),
+                topk_sample_logprobs=req.get("topk_sample_logprobs", 0),
+                target_prompt_ids=req.get("target_prompt_ids"), prompt_alt_tokens_k=req.get("prompt_alt_tokens_k", 0))
             by_base.setdefault(req["base_model"], []).append((i, spec))
         for name, items in by_base.items():
-            base = self.bases[name]
-            outs = generate(base.model, [s for _, s in items], decode=base.decode, route=base.lora.route)
+            base, cache = self.bases[name], self.prefix_caches[name]
+            cache.retain(lambda adapter: adapter is None or adapter in self.snapshots)  # evicted snapshots' K/V go too
+            outs = generate(base.model, [s for _, s in items], decode=base.decode, route=base.lora.route,
+                            prefix_cache=cache)
             for (i, _), out in zip(items, outs):
-                results[i] = {
-                    "sequences": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
-                                  for s in out.sequences],
-                    "prompt_logprobs": None if out.prompt_logprobs is None else torch.tensor(out.prompt_logprobs),
-                }
+                results[i] = _sample_result(out)
         return results
 
 
-def _write_checkpoint(final: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write into a temporary folder, then swap it in whole: no half checkpoint is ever visible."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
-    (tmp / "tinkercloud.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+def _sample_result(out: SampleResult) -> dict[str, Any]:
+    """A sampler result as the plain values the server's encoder reads."""
+    return {
+        "sequences": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason,
+                       "topk_logprobs": s.topk_logprobs} for s in out.sequences],
+        "prompt_logprobs": None if out.prompt_logprobs is None else np.asarray(out.prompt_logprobs, dtype=np.float32),
+        "topk_prompt_logprobs": out.topk_prompt_logprobs,
+        "target_prompt_logprobs": out.target_prompt_logprobs,
+        "prompt_alt_tokens": out.prompt_alt_tokens,
+        "prompt_cache_hit_tokens": out.prompt_cache_hit_tokens,
+    }
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 def _barrier() -> None:

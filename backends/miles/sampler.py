@@ -2,7 +2,8 @@
 
 This module's one job: given a (possibly LoRA-wrapped, possibly tensor-parallel) mcore
 `GPTModel` and a list of `SampleSpec`s, produce the sampled tokens, their logprobs and,
-on request, the prompt logprobs. It walks the model's own submodules (embedding, each
+on request, top-k tables and scores of the prompt, reusing K/V of earlier prompts from a
+prefix cache when given one. It walks the model's own submodules (embedding, each
 layer's norms / `linear_qkv` / `linear_proj` / `mlp`, final norm, output layer) instead of
 calling `model.forward`, so each decode step costs one token per row, not a recompute of
 the whole sequence. LoRA wrappers that replace those linear modules in place are picked up
@@ -30,8 +31,22 @@ Sampling and the returned logprobs
     one uniform per sampled token (inverse-CDF draw), so a row's tokens do not depend on
     what else is in the batch, and every TP rank (which sees the same gathered logits)
     draws the same tokens.
-  * prompt logprobs are model log-probabilities (temperature 1): position 0 is NaN (nothing
-    predicts it), position i is log p(prompt[i] | prompt[:i]).
+  * `topk_sample_logprobs = k`: per sampled token, the k most likely tokens of the
+    distribution it was drawn from (so the sampled token's own logprob matches its cell);
+    tokens filtered out by top-k/top-p are empty cells (token 0, log-prob -99999.0).
+  * prompt logprobs, top-k prompt logprobs, target-token logprobs and alternative-token draws
+    are read off the prefill's hidden states by `prompt_scoring` (see there).
+
+Prefix cache: with a `PrefixCache`, each distinct prompt first looks up the longest prefix
+already computed under the same adapter (a previous prompt, or a previous prompt plus its
+sampled tokens) and copies that K/V instead of recomputing it; only the rest of the prompt is
+prefilled. Never more is reused than the prompt scores allow (a position whose hidden state
+they read must be computed) and never the last prompt token (its logits start sampling).
+The count reused is reported per spec as `prompt_cache_hit_tokens`. Rows that reuse the
+cache are prefilled over a right-aligned window of the chunk, their cached columns kept
+as is; after sampling, every row's prompt + sampled tokens go back into the cache.
+Results agree with a full prefill up to float rounding (the same tokens; fp32 logprobs
+within ~1e-5).
 
 Stops: a sampled token in `stop_token_ids` ends the row (token kept, "stop"); after each
 token, if `decode(generated)` contains a stop string, the row ends there (token kept,
@@ -45,17 +60,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from backends.miles.distributions import empty_table, inverse_cdf, topk_table
+from backends.miles.prefix_cache import PrefixCache
+from backends.miles.prompt_scoring import PromptScores, first_hidden_needed, score_prompt, wants_scores
 
 __all__ = ["SampleSpec", "SampledSeq", "SampleResult", "generate"]
 
 # Prefill is run in sub-batches of at most this many (padded) tokens, to bound the memory
 # of activations and attention scores; the KV cache itself is allocated per chunk.
 _PREFILL_TOKENS = 16384
-# Prompt logprobs are computed over at most this many positions at a time (full-vocab
-# logits of one row).
-_PROMPT_LOGPROB_CHUNK = 512
 
 
 @dataclass
@@ -71,6 +88,11 @@ class SampleSpec:
     seed: int = 0  # the server always fills it, so every TP rank draws the same tokens
     prompt_logprobs: bool = False
     adapter: str | None = None  # LoRA adapter for these rows (routing done by `route`)
+    prompt_logprobs_last_n: int | None = None  # score only the last n prompt positions (logprobs, top-k)
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_ids: tuple[np.ndarray, np.ndarray] | None = None  # (rows, ids): ids[j] at position rows[j]+1
+    prompt_alt_tokens_k: int = 0
 
 
 @dataclass
@@ -78,12 +100,17 @@ class SampledSeq:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" | "length"
+    topk_logprobs: tuple[np.ndarray, np.ndarray] | None = None  # token ids int32 [n, k], log-probs float32 [n, k]
 
 
 @dataclass
 class SampleResult:
     sequences: list[SampledSeq]  # num_samples of them
-    prompt_logprobs: list[float] | None  # len(prompt), NaN at 0, when asked
+    prompt_logprobs: list[float] | None  # len(prompt), NaN at 0 (and before the last n), when asked
+    topk_prompt_logprobs: tuple[np.ndarray, np.ndarray] | None = None  # [len(prompt), k] each
+    target_prompt_logprobs: np.ndarray | None = None  # float32, one per (row, id) of target_prompt_ids
+    prompt_alt_tokens: tuple[np.ndarray, np.ndarray] | None = None  # [len(prompt) - 1, k] each
+    prompt_cache_hit_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 def _row_seed(seed: int, sample_index: int) -> int:
@@ -101,7 +128,17 @@ class _Row:
     gen: torch.Generator
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk_ids: list[np.ndarray] = field(default_factory=list)  # one [k] row per token, when asked
+    topk_lps: list[np.ndarray] = field(default_factory=list)
     stop_reason: str | None = None
+
+    def topk_logprobs(self) -> tuple[np.ndarray, np.ndarray] | None:
+        k = self.spec.topk_sample_logprobs
+        if not k:
+            return None
+        if not self.tokens:
+            return empty_table(0, k)
+        return np.stack(self.topk_ids), np.stack(self.topk_lps)
 
 
 def _unwrap(model):
@@ -188,10 +225,16 @@ class _Runner:
             logits = logits[..., :real]
         return logits.float()
 
-    def forward(self, tokens, pos, caches, col0, key_ok):
+    def row_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [c, H] (one row's positions) -> float32 logits [c, V]."""
+        return self._logits(h[:, None, :])[:, 0]
+
+    def forward(self, tokens, pos, caches, col0, key_ok, fixed=None):
         """Run `tokens` [b, s] (positions `pos` [b, s]) whose K/V go to cache columns
-        [col0, col0+s). `key_ok` [b, s, col0+s] says which cache columns each query sees.
-        Returns the hidden states after the final norm, [s, b, H]."""
+        [col0, col0+s). `key_ok` [b, s, col0+s] says which cache columns each query sees;
+        `fixed` [b, s], if given, marks columns whose K/V the cache already holds (from the
+        prefix cache): those keep their cached K/V. Returns the hidden states after the
+        final norm, [s, b, H]."""
         s = tokens.shape[1]
         h = self.model.embedding(input_ids=tokens, position_ids=pos)  # [s, b, H]
         pos_sb = pos.t()
@@ -204,8 +247,13 @@ class _Runner:
             if self.use_rope:
                 q = self._rope(q, pos_sb)
                 k = self._rope(k, pos_sb)
-            kc[:, :, col0 : col0 + s] = k.permute(1, 2, 0, 3)
-            vc[:, :, col0 : col0 + s] = v.permute(1, 2, 0, 3)
+            k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, groups, s, d]
+            if fixed is not None:
+                keep = fixed[:, None, :, None]
+                k = torch.where(keep, kc[:, :, col0 : col0 + s], k)
+                v = torch.where(keep, vc[:, :, col0 : col0 + s], v)
+            kc[:, :, col0 : col0 + s] = k
+            vc[:, :, col0 : col0 + s] = v
             keys, vals = kc[:, :, : col0 + s], vc[:, :, : col0 + s]
             n_heads, n_groups = q.shape[2], keys.shape[1]
             if n_heads != n_groups:
@@ -243,38 +291,37 @@ class _Runner:
 
 
 def _sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
-    """One token per row from float32 logits [n, V]; see the module docstring."""
+    """One token per row from float32 logits [n, V]; see the module docstring. Rows asking
+    for top-k sample logprobs get this step's table appended."""
     vocab = logits.shape[1]
+    dev = logits.device
     tokens = logits.argmax(dim=-1)
-    lps = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-    plain, filtered = [], []
+    model_logp = torch.log_softmax(logits, dim=-1)
+    lps = model_logp.gather(1, tokens[:, None])[:, 0]
+    greedy, plain, filtered = [], [], []
     for i, r in enumerate(rows):
-        if r.spec.temperature <= 0:
-            continue
         k = r.spec.top_k
-        if (k is not None and 0 < k < vocab) or r.spec.top_p < 1.0:
+        if r.spec.temperature <= 0:
+            greedy.append(i)
+        elif (k is not None and 0 < k < vocab) or r.spec.top_p < 1.0:
             filtered.append(i)
         else:
             plain.append(i)
-    dev = logits.device
 
-    def draw(idx, logq):
-        """Inverse-CDF draw, one uniform per row from the row's own generator."""
-        u = torch.cat([torch.rand(1, generator=rows[i].gen, dtype=torch.float64) for i in idx]).to(dev)
-        q = logq.double().exp()
-        cdf = q.cumsum(-1)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        # Guard against rounding at the top end: never pick a zero-probability token.
-        last_ok = vocab - 1 - torch.isfinite(logq).flip(-1).int().argmax(-1)
-        return torch.minimum(pick, last_ok)
+    def uniforms(idx):
+        """One uniform per row from the row's own generator, [len(idx), 1]."""
+        return torch.cat([torch.rand(1, generator=rows[i].gen, dtype=torch.float64) for i in idx])[:, None]
 
+    if greedy:
+        _record_topk(rows, greedy, model_logp[torch.tensor(greedy, device=dev)])
     if plain:
         idx = torch.tensor(plain, device=dev)
         temps = torch.tensor([rows[i].spec.temperature for i in plain], device=dev, dtype=torch.float32)
         logq = torch.log_softmax(logits[idx] / temps[:, None], dim=-1)
-        pick = draw(plain, logq)
+        pick = inverse_cdf(logq, uniforms(plain))[:, 0]
         tokens[idx] = pick
         lps[idx] = logq.gather(1, pick[:, None])[:, 0]
+        _record_topk(rows, plain, logq)
     if filtered:
         idx = torch.tensor(filtered, device=dev)
         temps = torch.tensor([rows[i].spec.temperature for i in filtered], device=dev, dtype=torch.float32)
@@ -290,69 +337,131 @@ def _sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[flo
         drop = (before > ps[:, None]) & (ps < 1.0)[:, None]
         drop[:, 0] = False
         x = x.masked_fill(drop, float("-inf"))
-        logq = torch.log_softmax(x, dim=-1)
-        pick = draw(filtered, logq)
+        logq = torch.log_softmax(x, dim=-1)  # in sorted order
+        pick = inverse_cdf(logq, uniforms(filtered))[:, 0]
         tokens[idx] = order.gather(1, pick[:, None])[:, 0]
         lps[idx] = logq.gather(1, pick[:, None])[:, 0]
+        if any(rows[i].spec.topk_sample_logprobs for i in filtered):
+            _record_topk(rows, filtered, torch.empty_like(logq).scatter_(1, order, logq))
     return tokens.tolist(), lps.tolist()
 
 
-def _prompt_logprobs(runner: _Runner, h_row: torch.Tensor, prompt: list[int], pad: int) -> list[float]:
-    """h_row [P, H] final hidden states of one left-padded row -> prompt logprobs (NaN at 0)."""
-    out = [float("nan")]
-    n = len(prompt)
-    targets = torch.tensor(prompt[1:], device=h_row.device, dtype=torch.long)
-    for a in range(0, n - 1, _PROMPT_LOGPROB_CHUNK):
-        b = min(n - 1, a + _PROMPT_LOGPROB_CHUNK)
-        logits = runner._logits(h_row[pad + a : pad + b, None, :])[:, 0]  # [c, V]
-        lp = torch.log_softmax(logits, dim=-1).gather(1, targets[a:b, None])[:, 0]
-        out.extend(lp.tolist())
-    return out
+def _record_topk(rows: list[_Row], idx: list[int], logq: torch.Tensor) -> None:
+    """Append the top-k table of `logq` (aligned with `idx`, vocabulary order) to the rows
+    of `idx` that ask for one."""
+    want = [n for n, i in enumerate(idx) if rows[i].spec.topk_sample_logprobs]
+    if not want:
+        return
+    widest = max(rows[idx[n]].spec.topk_sample_logprobs for n in want)
+    ids, lps = topk_table(logq[torch.tensor(want, device=logq.device)], widest)
+    for n, ids_row, lps_row in zip(want, ids, lps):
+        r = rows[idx[n]]
+        r.topk_ids.append(ids_row[: r.spec.topk_sample_logprobs])
+        r.topk_lps.append(lps_row[: r.spec.topk_sample_logprobs])
 
 
 def _hits_stop_string(text: str, stops) -> bool:
     return any(stop and stop in text for stop in stops)  # an empty stop string never matches
 
 
-def _run_chunk(runner: _Runner, rows: list[_Row], specs, prompt_lp: dict, decode, route) -> None:
-    dev = runner.device
-    # Distinct prompts (specs) in this chunk; every row of a spec shares its prefill.
-    uniq: list[int] = []
-    where: dict[int, int] = {}
-    for r in rows:
-        if r.spec_idx not in where:
-            where[r.spec_idx] = len(uniq)
-            uniq.append(r.spec_idx)
-    row_u = torch.tensor([where[r.spec_idx] for r in rows], device=dev)
+@dataclass
+class _Prompts:
+    """The distinct prompts (specs) of one chunk, in prefill order (shortest part left to
+    compute first), left-padded to the longest, with what the prefix cache already holds."""
+
+    specs: list[int]  # spec index of each distinct prompt
+    lens: list[int]
+    reuse: list[int]  # leading tokens whose K/V comes from the prefix cache
+    P: int  # the longest prompt: every row's prompt ends at column P
+
+    def suffix(self, j: int) -> int:
+        return self.lens[j] - self.reuse[j]
+
+
+def _distinct_prompts(rows: list[_Row], specs, cache: PrefixCache | None):
+    """(_Prompts, cached K/V of each) for the specs of `rows`."""
+    uniq = list(dict.fromkeys(r.spec_idx for r in rows))
+    found = {}
+    for i in uniq:
+        limit = first_hidden_needed(specs[i])
+        found[i] = cache.lookup(specs[i].adapter, specs[i].prompt, limit) if cache is not None else (0, None)
+    uniq.sort(key=lambda i: len(specs[i].prompt) - found[i][0])  # stable: shortest first, as before
     lens = [len(specs[i].prompt) for i in uniq]
-    P = max(lens)
-    max_new = max(r.budget for r in rows)
-    L = P + max(max_new - 1, 0)  # the last sampled token is never fed back
-    caches_u = runner.new_caches(len(uniq), P)
-    tok = torch.zeros(len(uniq), P, dtype=torch.long, device=dev)
-    pads = torch.tensor([P - n for n in lens], device=dev)
-    for j, i in enumerate(uniq):
-        tok[j, P - lens[j] :] = torch.tensor(specs[i].prompt, dtype=torch.long, device=dev)
+    prompts = _Prompts(uniq, lens, [found[i][0] for i in uniq], max(lens))
+    return prompts, [found[i][1] for i in uniq]
+
+
+def _prefill(runner: _Runner, prompts: _Prompts, cached_kv, specs, route, out: dict) -> tuple:
+    """Fill the per-prompt K/V caches; returns (caches [distinct, groups, P, d] per layer,
+    last-position logits [distinct, V], left pads [distinct]). Prompt scores go to `out`."""
+    dev, P, n = runner.device, prompts.P, len(prompts.specs)
+    caches = runner.new_caches(n, P)
+    tok = torch.zeros(n, P, dtype=torch.long, device=dev)
+    pads = torch.tensor([P - m for m in prompts.lens], device=dev)
+    for j, i in enumerate(prompts.specs):
+        tok[j, P - prompts.lens[j] :] = torch.tensor(specs[i].prompt, dtype=torch.long, device=dev)
+        if prompts.reuse[j]:
+            c0, m = P - prompts.lens[j], prompts.reuse[j]
+            for (kc, vc), (k, v) in zip(caches, cached_kv[j]):
+                kc[j, :, c0 : c0 + m] = k[:, :m]
+                vc[j, :, c0 : c0 + m] = v[:, :m]
     cols = torch.arange(P, device=dev)
     pos = (cols[None, :] - pads[:, None]).clamp(min=0)
-    last_logits = torch.empty(len(uniq), runner.vocab_size, device=dev)
-
-    # ---- prefill, in sub-batches of distinct prompts ----
-    per = max(1, _PREFILL_TOKENS // P)
-    causal = cols[None, :] <= cols[:, None]  # [q, k]
-    for a in range(0, len(uniq), per):
-        sl = slice(a, min(len(uniq), a + per))
-        real_k = cols[None, :] >= pads[sl, None]  # [b, k]
+    reuse = torch.tensor(prompts.reuse, device=dev)
+    last_logits = torch.empty(n, runner.vocab_size, device=dev)
+    a = 0
+    while a < n:  # sub-batches of distinct prompts; each computes a right-aligned window
+        b = a + 1
+        while b < n and (b + 1 - a) * prompts.suffix(b) <= _PREFILL_TOKENS:
+            b += 1
+        sl, S = slice(a, b), prompts.suffix(b - 1)
+        c0 = P - S
+        qcols = cols[c0:]
+        visible = (cols[None, :] <= qcols[:, None])[None] & (cols[None, None, :] >= pads[sl, None, None])
         # Padding queries see themselves only, so no row is all-masked (no NaN anywhere).
-        key_ok = (causal[None] & real_k[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
-        sub = [(kc[sl], vc[sl]) for kc, vc in caches_u]
-        with route([specs[i].adapter for i in uniq[sl]]):
-            h = runner.forward(tok[sl], pos[sl], sub, 0, key_ok)  # [P, b, H]
+        key_ok = visible | (cols[None, None, :] == qcols[None, :, None])
+        fixed = None
+        if bool(reuse[sl].any()):
+            fixed = (qcols[None, :] >= pads[sl, None]) & (qcols[None, :] < (pads + reuse)[sl, None])
+        sub = [(kc[sl], vc[sl]) for kc, vc in caches]
+        with route([specs[i].adapter for i in prompts.specs[sl]]):
+            h = runner.forward(tok[sl, c0:], pos[sl, c0:], sub, c0, key_ok, fixed)  # [S, b, H]
             last_logits[sl] = runner._logits(h[-1:])[0]
-            for j in range(sl.start, sl.stop):
-                i = uniq[j]
-                if specs[i].prompt_logprobs and i not in prompt_lp:
-                    prompt_lp[i] = _prompt_logprobs(runner, h[:, j - sl.start], specs[i].prompt, P - lens[j])
+            for j in range(a, b):
+                i = prompts.specs[j]
+                if wants_scores(specs[i]) and i not in out:
+                    first = max(0, prompts.lens[j] - S)  # the first prompt position in the window
+                    out[i] = score_prompt(specs[i], h[max(0, S - prompts.lens[j]) :, j - a], first,
+                                          runner.row_logits, runner.vocab_size)
+        a = b
+    return caches, last_logits, pads
+
+
+def _remember(cache: PrefixCache, rows: list[_Row], caches, row_pad, P: int, done: list[int]) -> None:
+    """Store the prompt + sampled tokens of finished batch rows `done` in the prefix cache
+    (all but the last sampled token, which was never fed back, have K/V)."""
+    for n in done:
+        r = rows[n]
+        c0, c1 = int(row_pad[n]), P + max(len(r.tokens) - 1, 0)
+
+        def kv(n=n, c0=c0, c1=c1):
+            return [(kc[n, :, c0:c1].clone(), vc[n, :, c0:c1].clone()) for kc, vc in caches]
+
+        cache.insert(r.spec.adapter, r.spec.prompt + r.tokens[:-1], kv)
+
+
+def _run_chunk(runner: _Runner, rows: list[_Row], specs, out: dict, hits: dict, decode, route, cache) -> None:
+    dev = runner.device
+    prompts, cached_kv = _distinct_prompts(rows, specs, cache)
+    for j, i in enumerate(prompts.specs):
+        hits.setdefault(i, prompts.reuse[j])
+    caches_u, last_logits, pads = _prefill(runner, prompts, cached_kv, specs, route, out)
+    del cached_kv
+    P = prompts.P
+    where = {i: j for j, i in enumerate(prompts.specs)}
+    row_u = torch.tensor([where[r.spec_idx] for r in rows], device=dev)
+    max_new = max(r.budget for r in rows)
+    L = P + max(max_new - 1, 0)  # the last sampled token is never fed back
 
     # ---- expand to one cache row per sample ----
     caches = []
@@ -389,6 +498,9 @@ def _run_chunk(runner: _Runner, rows: list[_Row], specs, prompt_lp: dict, decode
                 elif len(r.tokens) >= r.budget:
                     r.stop_reason = "length"
         still = [i for i in active if rows[i].stop_reason is None]
+        if cache is not None and len(still) != len(active):
+            done = [n for n, i in enumerate(active) if rows[i].stop_reason is not None]
+            _remember(cache, [rows[i] for i in active], caches, row_pad, P, done)
         if not still:
             break
         if len(still) != len(active):  # drop finished rows from the batch
@@ -406,6 +518,31 @@ def _run_chunk(runner: _Runner, rows: list[_Row], specs, prompt_lp: dict, decode
         step += 1
 
 
+def _check_spec(si: int, spec: SampleSpec, max_len: int, vocab: int, decode) -> None:
+    if not spec.prompt:
+        raise ValueError(f"spec {si}: empty prompt")
+    if spec.num_samples < 1:
+        raise ValueError(f"spec {si}: num_samples must be >= 1")
+    if spec.max_tokens < 0:
+        raise ValueError(f"spec {si}: max_tokens must be >= 0")
+    if spec.temperature < 0 or not 0.0 < spec.top_p <= 1.0:
+        raise ValueError(f"spec {si}: need temperature >= 0 and 0 < top_p <= 1")
+    if len(spec.prompt) > max_len:
+        raise ValueError(f"spec {si}: prompt of {len(spec.prompt)} tokens exceeds the context of {max_len}")
+    if spec.stop_strings and decode is None:
+        raise ValueError(f"spec {si}: stop strings need a `decode` function")
+    if min(spec.topk_prompt_logprobs, spec.topk_sample_logprobs, spec.prompt_alt_tokens_k) < 0:
+        raise ValueError(f"spec {si}: top-k widths and prompt_alt_tokens_k must be >= 0")
+    if spec.prompt_logprobs_last_n is not None and spec.prompt_logprobs_last_n < 1:
+        raise ValueError(f"spec {si}: prompt_logprobs_last_n must be >= 1")
+    if spec.target_prompt_ids is not None:
+        rows, ids = (np.asarray(a) for a in spec.target_prompt_ids)
+        if rows.shape != ids.shape or rows.ndim != 1:
+            raise ValueError(f"spec {si}: target_prompt_ids needs equally long 1-D rows and ids")
+        if rows.size and (rows.min() < 0 or rows.max() >= len(spec.prompt) - 1 or ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"spec {si}: target_prompt_ids rows must be in [0, len(prompt) - 1), ids in [0, {vocab})")
+
+
 def generate(
     model,
     specs: list[SampleSpec],
@@ -413,39 +550,33 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     route: Callable[[list[str | None]], ContextManager] = lambda rows: contextlib.nullcontext(),
     max_batch_rows: int = 64,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[SampleResult]:
     """Sample `spec.num_samples` continuations of every spec's prompt; one result per spec.
 
     `decode(tokens) -> str` is needed when any spec has stop strings. `route(adapters)`
     is entered around every model computation with the adapter name of each batch row
-    (batch order), so LoRA wrappers can pick per-row adapters. All TP ranks must call this
-    with identical arguments (they run the same collectives and draw the same tokens).
+    (batch order), so LoRA wrappers can pick per-row adapters. `prefix_cache` (one per base
+    model) lets prompts reuse K/V computed by earlier calls under the same adapter. All TP
+    ranks must call this with identical arguments (they run the same collectives, draw the
+    same tokens and make the same cache decisions).
     """
     model = _unwrap(model)
     if max_batch_rows < 1:
         raise ValueError("max_batch_rows must be >= 1")
     rows: list[_Row] = []
     max_len = int(getattr(model, "max_sequence_length", 1 << 30))
+    vocab = int(getattr(model, "unpadded_vocab_size", model.vocab_size))
     for si, spec in enumerate(specs):
-        if not spec.prompt:
-            raise ValueError(f"spec {si}: empty prompt")
-        if spec.num_samples < 1:
-            raise ValueError(f"spec {si}: num_samples must be >= 1")
-        if spec.max_tokens < 0:
-            raise ValueError(f"spec {si}: max_tokens must be >= 0")
-        if spec.temperature < 0 or not 0.0 < spec.top_p <= 1.0:
-            raise ValueError(f"spec {si}: need temperature >= 0 and 0 < top_p <= 1")
-        if len(spec.prompt) > max_len:
-            raise ValueError(f"spec {si}: prompt of {len(spec.prompt)} tokens exceeds the context of {max_len}")
-        if spec.stop_strings and decode is None:
-            raise ValueError(f"spec {si}: stop strings need a `decode` function")
+        _check_spec(si, spec, max_len, vocab, decode)
         budget = min(spec.max_tokens, max_len - len(spec.prompt))
         for k in range(spec.num_samples):
             g = torch.Generator(device="cpu")
             g.manual_seed(_row_seed(spec.seed, k))
             rows.append(_Row(si, k, spec, budget, g))
 
-    prompt_lp: dict[int, list[float]] = {}
+    scores: dict[int, PromptScores] = {}
+    hits: dict[int, int] = {}
     was_training = model.training
     model.eval()
     try:
@@ -455,14 +586,19 @@ def generate(
             order = sorted(range(len(rows)), key=lambda i: (len(rows[i].spec.prompt), rows[i].spec_idx))
             for a in range(0, len(order), max_batch_rows):
                 chunk = [rows[i] for i in order[a : a + max_batch_rows]]
-                _run_chunk(runner, chunk, specs, prompt_lp, decode, route)
+                _run_chunk(runner, chunk, specs, scores, hits, decode, route, prefix_cache)
     finally:
         model.train(was_training)
 
     by_spec: list[list[SampledSeq]] = [[] for _ in specs]
     for r in rows:  # rows were built in (spec, sample index) order
-        by_spec[r.spec_idx].append(SampledSeq(r.tokens, r.logprobs, r.stop_reason or "length"))
-    return [
-        SampleResult(sequences=seqs, prompt_logprobs=prompt_lp.get(si) if spec.prompt_logprobs else None)
-        for si, (spec, seqs) in enumerate(zip(specs, by_spec))
-    ]
+        by_spec[r.spec_idx].append(SampledSeq(r.tokens, r.logprobs, r.stop_reason or "length", r.topk_logprobs()))
+    results = []
+    for si, seqs in enumerate(by_spec):
+        got = scores.get(si, PromptScores())
+        results.append(SampleResult(
+            sequences=seqs, prompt_logprobs=got.logprobs, topk_prompt_logprobs=got.topk,
+            target_prompt_logprobs=got.target_logprobs, prompt_alt_tokens=got.alt_tokens,
+            prompt_cache_hit_tokens=hits.get(si, 0),
+        ))
+    return results
