@@ -19,6 +19,7 @@ from aiohttp import web
 from engine.config import EMBEDDED_MODEL_NAME, Config, ServedModel
 from engine.futures import FutureStore
 from engine.pool import WorkerPool, WorkerSpec
+from engine.reaper import reap_periodically
 from engine.registry import Registry
 from engine.scheduler import Scheduler
 from handlers import routes
@@ -28,6 +29,7 @@ from handlers.state import STATE, ServerState
 log = logging.getLogger("tinkercloud")
 ROOT = Path(__file__).resolve().parent
 MAX_BODY_BYTES = 512 * 1024 * 1024
+REAP_INTERVAL_SECONDS = 30.0
 
 
 async def ensure_embedded_model(data_dir: str) -> ServedModel:
@@ -65,11 +67,16 @@ def create_app(config: Config) -> web.Application:
             await pool.start()
             infos = {name: {**info, "tokenizer_id": info["path"] if not config.models else name}
                      for name, info in pool.models.items()}
-            app[STATE] = ServerState(config, pool, futures, Scheduler(pool, futures, config.max_sample_batch_rows),
-                                     Registry(config.data_dir), infos)
+            st = ServerState(config, pool, futures, Scheduler(pool, futures, config.max_sample_batch_rows),
+                             Registry(config.data_dir), infos)
+            app[STATE] = st
+            reaper = asyncio.create_task(reap_periodically(
+                st.registry, st.scheduler, config.session_timeout_seconds,
+                min(REAP_INTERVAL_SECONDS, config.session_timeout_seconds / 4)))
             log.info("serving %s on http://%s:%d with %d worker(s) (%s backend)",
                      ", ".join(sorted(infos)), config.host, config.port, spec.world_size, config.backend)
             yield
+            reaper.cancel()
         finally:
             await pool.stop()
             futures.close()

@@ -36,6 +36,7 @@ class Config:
     models: tuple[ServedModel, ...] = ()  # empty: generate and serve the embedded tiny model
     workers: int = 0  # 0: one per local GPU, or 1 CPU worker without GPUs
     long_poll_seconds: float = 30.0
+    session_timeout_seconds: float = 300.0  # no heartbeat for this long: the session's runs are unloaded
     max_sample_batch_rows: int = 64
     allow_partial_batches: bool = False
     ray_address: str = ""
@@ -71,6 +72,7 @@ class Config:
             "api_keys": env.get("TINKER_API_KEY"),
             "data_dir": env.get("TINKERCLOUD_DATA_DIR"),
             "workers": env.get("TINKERCLOUD_WORKERS"),
+            "session_timeout_seconds": env.get("TINKERCLOUD_SESSION_TIMEOUT"),
             "models": env.get("TINKERCLOUD_MODELS") or env.get("SUPPORTED_MODELS"),
             "allow_partial_batches": env.get("ALLOW_PARTIAL_BATCHES"),
             "ray_address": env.get("RAY_ADDRESS"),
@@ -140,7 +142,7 @@ def _coerce(raw: dict) -> dict:
             value = tuple(k.strip() for k in (value.split(",") if isinstance(value, str) else value) if k.strip())
         elif key in ("port", "workers", "max_sample_batch_rows"):
             value = int(value)
-        elif key == "long_poll_seconds":
+        elif key in ("long_poll_seconds", "session_timeout_seconds"):
             value = float(value)
         elif key == "allow_partial_batches" and isinstance(value, str):
             value = value.lower() in ("1", "true", "yes", "on")

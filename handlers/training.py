@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.messages import UserError
+from engine.reaper import unload_run
 from engine.registry import LoraSpec
 from handlers.codec import decode_forward_backward, encode_forward_backward_output
 from handlers.common import idempotent, json_body, need, opt, state, submit_in_order
@@ -69,11 +70,7 @@ async def unload_model(request: web.Request) -> web.Response:
         st = state(request)
         body = await json_body(request)
         run = st.registry.run(need(body, "model_id", str))
-        st.registry.deactivate(run.model_id)
-        st.scheduler.forget_model(run.model_id)
-        rid = st.scheduler.submit("remove_adapter", {"model_id": run.model_id},
-                                  lambda _: ({"model_id": run.model_id, "type": "unload_model"}, "json"))
-        return {"request_id": rid, "model_id": run.model_id}
+        return {"request_id": unload_run(st.registry, st.scheduler, run.model_id), "model_id": run.model_id}
 
     return await idempotent(request, make)
 
