@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from backends.miles.parallel import ParallelDims
 from engine.config import EMBEDDED_MODEL_NAME, Config, ServedModel
 from engine.futures import FutureStore
 from engine.pool import WorkerPool, WorkerSpec
@@ -58,9 +59,10 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(routes())
 
     async def engine(app: web.Application) -> AsyncIterator[None]:
+        dims = ParallelDims.for_workers(world_size(config), config.tp)  # refuses a tp that does not divide
         models = list(config.models) or [await ensure_embedded_model(config.data_dir)]
         spec = WorkerSpec(config.backend, {m.name: str(Path(m.path).resolve()) for m in models},
-                          str(Path(config.data_dir).resolve()), world_size(config))
+                          str(Path(config.data_dir).resolve()), dims.world_size, dims.tp)
         pool = WorkerPool(spec)
         futures = FutureStore(config.futures_path)
         try:
@@ -73,8 +75,9 @@ def create_app(config: Config) -> web.Application:
             reaper = asyncio.create_task(reap_periodically(
                 st.registry, st.scheduler, config.session_timeout_seconds,
                 min(REAP_INTERVAL_SECONDS, config.session_timeout_seconds / 4)))
-            log.info("serving %s on http://%s:%d with %d worker(s) (%s backend)",
-                     ", ".join(sorted(infos)), config.host, config.port, spec.world_size, config.backend)
+            log.info("serving %s on http://%s:%d with %d worker(s), tp=%d x dp=%d (%s backend)",
+                     ", ".join(sorted(infos)), config.host, config.port, spec.world_size, dims.tp, dims.dp,
+                     config.backend)
             yield
             reaper.cancel()
         finally:

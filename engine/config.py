@@ -35,6 +35,7 @@ class Config:
     futures_dir: str = ""  # empty: <data_dir>/futures (see `futures_path`)
     models: tuple[ServedModel, ...] = ()  # empty: generate and serve the embedded tiny model
     workers: int = 0  # 0: one per local GPU, or 1 CPU worker without GPUs
+    tp: int = 0  # tensor-parallel degree (must divide the workers; the rest is data parallel); 0: all workers
     long_poll_seconds: float = 30.0
     session_timeout_seconds: float = 300.0  # no heartbeat for this long: the session's runs are unloaded
     max_sample_batch_rows: int = 64
@@ -45,6 +46,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"TINKERCLOUD_BACKEND must be one of {BACKENDS}, got {self.backend!r}")
+        if self.tp < 0:
+            raise ValueError(f"TINKERCLOUD_TP must be 0 (all workers) or a positive degree, got {self.tp}")
         for key in self.api_keys:
             if not key.startswith(("tml-", "eyJ")):
                 raise ValueError(f"API key {key[:6]!r}... must start with 'tml-': the tinker SDK refuses others")
@@ -72,6 +75,7 @@ class Config:
             "api_keys": env.get("TINKER_API_KEY"),
             "data_dir": env.get("TINKERCLOUD_DATA_DIR"),
             "workers": env.get("TINKERCLOUD_WORKERS"),
+            "tp": env.get("TINKERCLOUD_TP"),
             "session_timeout_seconds": env.get("TINKERCLOUD_SESSION_TIMEOUT"),
             "models": env.get("TINKERCLOUD_MODELS") or env.get("SUPPORTED_MODELS"),
             "allow_partial_batches": env.get("ALLOW_PARTIAL_BATCHES"),
@@ -93,7 +97,8 @@ class Config:
         p.add_argument("--port", type=int)
         p.add_argument("--backend", choices=BACKENDS)
         p.add_argument("--data-dir")
-        p.add_argument("--workers", type=int, help="worker processes (tensor-parallel ranks); CPU workers without GPUs")
+        p.add_argument("--workers", type=int, help="worker processes (tp x dp ranks); CPU workers without GPUs")
+        p.add_argument("--tp", type=int, help="tensor-parallel degree; must divide --workers (default: all workers)")
         p.add_argument("--model", action="append", metavar="NAME=PATH", help="serve an HF checkpoint dir (repeatable)")
         p.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
         a = p.parse_args(argv)
@@ -101,7 +106,7 @@ class Config:
         cfg = cls.from_env(base=base)
         flags = {
             "host": a.host, "port": a.port, "backend": a.backend, "data_dir": a.data_dir,
-            "workers": a.workers, "models": ",".join(a.model) if a.model else None,
+            "workers": a.workers, "tp": a.tp, "models": ",".join(a.model) if a.model else None,
             "api_keys": ",".join(a.api_key) if a.api_key else None,
         }
         values = _as_dict(cfg)
@@ -140,7 +145,7 @@ def _coerce(raw: dict) -> dict:
             value = parse_models(value)
         elif key == "api_keys":
             value = tuple(k.strip() for k in (value.split(",") if isinstance(value, str) else value) if k.strip())
-        elif key in ("port", "workers", "max_sample_batch_rows"):
+        elif key in ("port", "workers", "tp", "max_sample_batch_rows"):
             value = int(value)
         elif key in ("long_poll_seconds", "session_timeout_seconds"):
             value = float(value)

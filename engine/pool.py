@@ -30,6 +30,7 @@ class WorkerSpec:
     models: dict[str, str]  # base model name -> HF checkpoint dir
     data_dir: str
     world_size: int
+    tp: int  # tensor-parallel degree; world_size // tp data-parallel replicas
 
 
 def _free_port() -> int:

@@ -29,8 +29,9 @@ def free_port() -> int:
 class ServerProcess:
     """`python tinkercloud.py` as a real subprocess on a free loopback port."""
 
-    def __init__(self, data_dir: Path, models: dict[str, Path], workers: int = 1, log_name: str = "server.log"):
-        self.data_dir, self.models, self.workers = Path(data_dir), models, workers
+    def __init__(self, data_dir: Path, models: dict[str, Path], workers: int = 1, log_name: str = "server.log",
+                 extra_args: tuple[str, ...] = ()):
+        self.data_dir, self.models, self.workers, self.extra_args = Path(data_dir), models, workers, extra_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.data_dir / log_name
@@ -42,6 +43,7 @@ class ServerProcess:
                "--data-dir", str(self.data_dir), "--workers", str(self.workers), "--api-key", API_KEY]
         for name, path in self.models.items():
             cmd += ["--model", f"{name}={path}"]
+        cmd += list(self.extra_args)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)

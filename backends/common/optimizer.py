@@ -1,5 +1,10 @@
 """AdamW over one adapter's parameters, with Tinker's AdamParams applied at every step.
 
+Data parallelism: each DP rank accumulates the gradient of its share of every batch; `step`
+first sums the gradients over the DP group (one all-reduce of one flat buffer), so every
+replica then holds the global gradient and takes the same step. Summing once per step, not
+after each backward, keeps accumulation over several forward_backward calls exact.
+
 The global gradient norm (for `grad_clip_norm` and the reported metric) counts a
 tensor-parallel shard once per rank and a replicated tensor once in total. The optimizer
 state can be taken out and put back by parameter name (`moments` / `load_moments`), so a
@@ -16,9 +21,10 @@ MOMENT_KINDS = ("exp_avg", "exp_avg_sq", "step")
 
 
 class AdapterOptimizer:
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter, bool]], tp_group=None) -> None:
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter, bool]], tp_group=None, dp_group=None) -> None:
         self.params = params
         self.tp_group = tp_group
+        self.dp_group = dp_group
         self.opt = torch.optim.AdamW([p for _, p, _ in params], lr=0.0)
         self.steps = 0
 
@@ -41,7 +47,24 @@ class AdapterOptimizer:
     def _device(self) -> torch.device:
         return self.params[0][1].device if self.params else torch.device("cpu")
 
+    def sum_data_parallel_grads(self) -> None:
+        """Sum every parameter's gradient over the DP group (collective). A rank without a
+        gradient adds zeros; a parameter no rank has a gradient for keeps none."""
+        if self.dp_group is None or not dist.is_initialized() or dist.get_world_size(self.dp_group) == 1:
+            return
+        grads = [p.grad for _, p, _ in self.params]
+        has_grad = torch.tensor([float(g is not None) for g in grads], device=self._device())
+        flat = torch.cat([has_grad, *(p.detach().new_zeros(p.numel()) if g is None else g.reshape(-1)
+                                      for (_, p, _), g in zip(self.params, grads))])
+        dist.all_reduce(flat, group=self.dp_group)
+        offset = len(grads)
+        for i, (_, p, _) in enumerate(self.params):
+            summed = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            p.grad = summed.to(p.dtype).clone() if flat[i] > 0 else None
+
     def step(self, adam: dict[str, float]) -> dict[str, float]:
+        self.sum_data_parallel_grads()
         norm = self.grad_norm()
         clip = adam["grad_clip_norm"]
         if clip > 0 and norm > clip:

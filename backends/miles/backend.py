@@ -24,7 +24,8 @@ from backends.common.optimizer import MOMENT_KINDS, AdapterOptimizer
 from backends.miles.hf_checkpoint import read_hf_config
 from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model, token_logprobs
-from backends.miles.parallel import ParallelDims, init_distributed, tp_rank
+from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
+                                     gather_shares, init_distributed, is_global_rank_0)
 from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
                                         read_optimizer, to_peft, write_checkpoint)
 from backends.miles.prefix_cache import PrefixCache
@@ -62,7 +63,7 @@ class _Run:
 
 class MilesBackend(TrainingBackend):
     def __init__(self, spec) -> None:
-        self.device = init_distributed(ParallelDims(tp=spec.world_size))
+        self.device = init_distributed(ParallelDims.for_workers(spec.world_size, spec.tp))
         self.bases: dict[str, _Base] = {}
         for name, path in spec.models.items():
             model = build_model(path, self.device)
@@ -89,7 +90,7 @@ class MilesBackend(TrainingBackend):
         base = self.bases[base_model]
         flags = dict(train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed)
         base.lora.add_adapter(model_id, rank, alpha, seed=seed, **flags)
-        opt = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group())
+        opt = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group())
         self.runs[model_id] = _Run(base, opt, {"rank": rank, "alpha": alpha, **flags})
         return {"model_id": model_id}
 
@@ -101,10 +102,33 @@ class MilesBackend(TrainingBackend):
 
     # ---- training ------------------------------------------------------------------------
     def forward_backward(self, model_id, batch, loss_fn, loss_fn_config, forward_only):
+        """Each data-parallel rank runs its contiguous share of the datums (maybe none: it then
+        runs no forward, and its tensor-parallel peers, which hold the same share, neither);
+        the ranks agree on failure before any backward, and DP rank 0 gathers the per-datum
+        outputs in batch order. Gradients stay per rank until `optim_step` sums them over DP."""
         run = self._run(model_id)
         tokens, inputs = unpack_datums(batch)
         for inp, extra in zip(inputs, batch.get("datum_inputs", ())):  # a custom loss's inputs, any shape
             inp.update(extra)
+        mine = data_parallel_share(len(tokens), dp_size(), dp_rank())
+        loss, share, error = None, Share([], {}, 0), None
+        if mine:
+            try:
+                loss, share = self._share_loss(run, model_id, [tokens[i] for i in mine], [inputs[i] for i in mine],
+                                               loss_fn, loss_fn_config, forward_only)
+            except Exception as e:  # noqa: BLE001 - raised below, once every DP rank knows
+                error = e
+        error = first_failure(error)  # collective: no rank goes on to backward and gather alone
+        if error is not None:
+            raise error
+        if not forward_only and loss is not None and loss.requires_grad:  # a custom loss may not use the logprobs
+            loss.backward()
+        merged = gather_shares(share)  # collective; None off DP rank 0, whose answers are never sent
+        return {} if merged is None else {"outputs": merged.outputs, "metrics": merged.metrics}
+
+    def _share_loss(self, run: _Run, model_id: str, tokens: list, inputs: list[dict[str, Any]], loss_fn: str,
+                    loss_fn_config: dict, forward_only: bool) -> tuple[torch.Tensor, Share]:
+        """Forward this rank's datums and compute their loss (not yet backpropagated)."""
         lengths = [len(t) for t in tokens]
         rows, seq_len = len(tokens), max(lengths)
         top_k = tuple(inputs[0]["target_tokens"].shape[1:])  # () or (K,): K targets per position
@@ -118,12 +142,10 @@ class MilesBackend(TrainingBackend):
             lps = [lp[i, :n] for i, n in enumerate(lengths)]
             inputs = [{k: v.to(self.device) for k, v in inp.items()} for inp in inputs]
             loss, elementwise, metrics = compute_loss(loss_fn, lps, inputs, loss_fn_config)
-            if not forward_only and loss.requires_grad:  # a custom loss may not depend on the logprobs
-                loss.backward()
         outputs = [{"logprobs": l.detach().float().cpu()} for l in lps]
         for out, e in zip(outputs, elementwise or ()):  # custom losses have no per-token loss
             out["elementwise_loss"] = e.detach().float().cpu()
-        return {"outputs": outputs, "metrics": metrics}
+        return loss, Share(outputs, metrics, len(tokens))
 
     def optim_step(self, model_id, adam):
         return {"metrics": self._run(model_id).optimizer.step(adam)}
@@ -150,7 +172,7 @@ class MilesBackend(TrainingBackend):
         base = self.bases[base_model]
         folder = Path(path)
         flags = self._install(base, model_id, folder, trainable=True)
-        optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group())
+        optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group())
         if with_optimizer:
             try:
                 optimizer.load_moments(self._local_moments(base, read_optimizer(folder)))
@@ -161,11 +183,13 @@ class MilesBackend(TrainingBackend):
 
     def _write_checkpoint(self, run: _Run, adapter: str, folder: Path, meta: dict[str, Any],
                           optimizer: dict[str, torch.Tensor] | None) -> None:
-        """Gather the adapter's full layout (collective); rank 0 writes it as a PEFT folder."""
+        """Gather the adapter's full layout (collective); global rank 0 writes it as a PEFT folder
+        once every rank is past its own checks (the first barrier), so none sees a half-written one."""
         lora = run.base.lora
         full = lora.gather_full_state(lora.adapter_state(adapter))
         failure = None
-        if tp_rank() == 0:
+        _barrier()
+        if is_global_rank_0():
             try:
                 write_checkpoint(folder, to_peft(full, self._layout(run.base)), adapter_config(run.spec, run.base.name),
                                  stamped(meta, time.time()), optimizer)

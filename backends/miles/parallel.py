@@ -1,31 +1,60 @@
 """Parallel layout of the worker processes, set up in one place.
 
-Reads the torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), joins the process group (NCCL on GPUs, gloo on CPU) and builds megatron-core's
-model-parallel groups from one small `ParallelDims`. Model code never touches this.
+The workers form a TP x DP grid: `ParallelDims(tp, dp)`, world = tp * dp. `for_workers`
+is the one place the layout is chosen (`--tp` / TINKERCLOUD_TP; dp = workers // tp); the
+server calls it at start-up, so a layout that does not fit fails before any worker starts.
+
+`init_distributed` reads the torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT), joins the process group (NCCL on GPUs, gloo on CPU) and lets
+megatron-core build the groups: `initialize_model_parallel(tensor_model_parallel_size=tp)`
+puts consecutive ranks in one tensor-parallel group, so the data-parallel groups are
+{r, r + tp, r + 2 tp, ...}. Model code never touches this.
+
+Data-parallel helpers for one forward_backward: `data_parallel_share` (this rank's contiguous
+slice of the batch), `first_failure` (every DP rank learns whether any rank failed, so no
+rank waits in a collective the others never reach) and `gather_shares` (every rank's
+per-datum outputs and metrics, in rank order, on DP rank 0). Gradients are summed over DP
+by `backends.common.optimizer.AdapterOptimizer` at the optimizer step.
+
+The module imports torch only inside functions: the server process imports `ParallelDims`.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
-
-from backends.miles import cpu_compat
+from typing import Any
 
 
 @dataclass(frozen=True)
 class ParallelDims:
     tp: int = 1
+    dp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.dp < 1:
+            raise ValueError(f"parallel sizes must be at least 1, got {self}")
 
     @property
     def world_size(self) -> int:
-        return self.tp
+        return self.tp * self.dp
+
+    @classmethod
+    def for_workers(cls, workers: int, tp: int) -> "ParallelDims":
+        """The layout of `workers` ranks with tensor-parallel degree `tp` (0: all of them)."""
+        tp = tp or workers
+        if tp < 1 or workers % tp:
+            raise ValueError(f"--tp {tp} does not divide --workers {workers}: the workers form tp x dp groups, "
+                             "so the worker count must be a multiple of the tensor-parallel degree")
+        return cls(tp=tp, dp=workers // tp)
 
 
-def init_distributed(dims: ParallelDims, seed: int = 1234) -> torch.device:
-    """Join the process group described by the environment; returns this rank's device."""
+def init_distributed(dims: ParallelDims, seed: int = 1234):
+    """Join the process group described by the environment; returns this rank's torch device."""
+    import torch
+    import torch.distributed as dist
+
+    from backends.miles import cpu_compat
+
     cpu_compat.enable()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != dims.world_size:
@@ -58,3 +87,98 @@ def tp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def dp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+def dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def is_global_rank_0() -> bool:
+    """Whether this process is the one whose answers go back to the server (and that writes files)."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def data_parallel_share(rows: int, parts: int, index: int) -> range:
+    """The contiguous rows of a `rows`-row batch that part `index` of `parts` takes: sizes
+    differ by at most one, earlier parts take the extra rows, a part may be empty."""
+    base, extra = divmod(rows, parts)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (index < extra))
+
+
+def first_failure(error: BaseException | None) -> BaseException | None:
+    """The error to raise on this rank: its own, else the first one another DP rank hit
+    (as a `UserError` if it was one), else None. A collective over the DP group."""
+    import torch.distributed as dist
+
+    from engine.messages import UserError
+
+    if dp_size() == 1:
+        return error
+    reports = [None] * dp_size()
+    mine = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}", str(error))
+    dist.all_gather_object(reports, mine, group=dp_group())
+    if error is not None:
+        return error
+    for rank, report in enumerate(reports):
+        if report is not None:
+            is_user, described, message = report
+            return UserError(message) if is_user else RuntimeError(f"data-parallel rank {rank} failed: {described}")
+    return None
+
+
+@dataclass
+class Share:
+    """One DP rank's part of a forward_backward result."""
+
+    outputs: list[dict[str, Any]]  # one per datum of the rank's share, in batch order
+    metrics: dict[str, float]  # `name:reduction` over the share; empty for an empty share
+    datums: int
+
+
+def gather_shares(share: Share) -> Share | None:
+    """All DP ranks' shares merged in rank order (so in batch order) on DP rank 0; None on
+    the other ranks. A collective over the DP group."""
+    import torch.distributed as dist
+
+    if dp_size() == 1:
+        return share
+    shares = [None] * dp_size() if dp_rank() == 0 else None
+    dist.gather_object(share, shares, group=dp_group(), group_dst=0)
+    if shares is None:
+        return None
+    outputs = [out for s in shares for out in s.outputs]
+    return Share(outputs, merge_metrics(shares), sum(s.datums for s in shares))
+
+
+def merge_metrics(shares: list[Share]) -> dict[str, float]:
+    """Combine per-share metrics by their reduction suffix: `:sum` adds, `:max`/`:min` pick,
+    anything else (`:mean`) averages weighted by each share's datum count."""
+    present = [s for s in shares if s.datums]
+    merged: dict[str, float] = {}
+    for key in dict.fromkeys(k for s in present for k in s.metrics):
+        values = [(s.metrics[key], s.datums) for s in present if key in s.metrics]
+        reduction = key.rpartition(":")[2]
+        if reduction == "sum":
+            merged[key] = sum(v for v, _ in values)
+        elif reduction in ("max", "min"):
+            merged[key] = (max if reduction == "max" else min)(v for v, _ in values)
+        else:
+            merged[key] = sum(v * n for v, n in values) / sum(n for _, n in values)
+    return merged

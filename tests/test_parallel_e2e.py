@@ -1,0 +1,135 @@
+"""Data parallelism through the whole stack: 2 CPU workers as TP=1 x DP=2 equal one worker.
+
+Each DP rank runs a contiguous share of the batch (3 datums: 2 + 1; 1 datum: one rank has
+none), rank 0 gathers the outputs in batch order, and the optimizer step sums gradients over
+DP once. Compared with the shared one-worker server: logprobs, per-token losses, `loss:sum`,
+grad norms and the weights after each step (a huge Adam eps makes the step proportional to
+the gradient, so equal weights after it mean equal gradients), sampling and a checkpoint
+round trip. A layout whose tp does not divide the workers is refused at start-up.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+
+from engine.config import Config
+from tests.conftest import API_KEY, ServerProcess
+from tests.helpers import logprobs_of, sft_datum
+
+QWEN = "tiny-qwen3"
+SEQS = [[151644, 872, 198, 9707, 1879, 0, 17, 4, 3, 9, 100, 2000, 30000, 151645],
+        [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+        [42, 43, 44, 45, 46, 47]]
+LINEAR_STEP = types.AdamParams(learning_rate=1.0, eps=1e3)
+
+
+def _data(n: int) -> list[types.Datum]:
+    return [sft_datum(s[:3], s[3:]) for s in SEQS[:n]]
+
+
+@pytest.fixture(scope="module")
+def server_dp2(tiny_models, tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("dp2"), {QWEN: tiny_models[QWEN]}, workers=2,
+                        extra_args=("--tp", "1")).start()
+    yield srv
+    srv.stop()
+
+
+def _client(url: str) -> tinker.ServiceClient:
+    return tinker.ServiceClient(base_url=url, api_key=API_KEY)
+
+
+def _train(url: str, n: int) -> dict:
+    """Two steps on an n-datum batch; the second accumulates two forward_backward calls."""
+    tc = _client(url).create_lora_training_client(QWEN, rank=4, seed=3).result()
+    data = _data(n)
+    out = {"lp0": logprobs_of(tc.forward(data, "cross_entropy").result())}
+    fb = tc.forward_backward(data, "cross_entropy").result()
+    out["loss"] = fb.metrics["loss:sum"]
+    out["elementwise"] = [o["elementwise_loss"].to_numpy() for o in fb.loss_fn_outputs]
+    out["norm1"] = tc.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["grad_norm:mean"]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.forward_backward(data[::-1], "cross_entropy").result()
+    out["norm2"] = tc.optim_step(LINEAR_STEP).result().metrics["grad_norm:mean"]
+    out["lp2"] = logprobs_of(tc.forward(data, "cross_entropy").result())
+    out["client"] = tc
+    return out
+
+
+def _assert_close_lists(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("datums", [3, 1, 2])
+def test_data_parallel_2_matches_one_worker(server, server_dp2, datums):
+    one, two = _train(server.url, datums), _train(server_dp2.url, datums)
+    for key in ("lp0", "elementwise", "lp2"):
+        _assert_close_lists(two[key], one[key])
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["norm1"] == pytest.approx(one["norm1"], rel=1e-5)
+    assert two["norm2"] == pytest.approx(one["norm2"], rel=1e-5)
+
+
+def test_sampling_and_checkpoints_after_data_parallel_training(server, server_dp2):
+    one, two = _train(server.url, 3), _train(server_dp2.url, 3)
+    params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=11, stop=[])
+    prompt = types.ModelInput.from_ints(SEQS[0][:5])
+    samples = [run["client"].save_weights_and_get_sampling_client().result().sample(prompt, 2, params).result()
+               for run in (one, two)]
+    assert [s.tokens for s in samples[1].sequences] == [s.tokens for s in samples[0].sequences]
+    np.testing.assert_allclose([s.logprobs for s in samples[1].sequences],
+                               [s.logprobs for s in samples[0].sequences], atol=1e-5)
+
+    saved = two["client"].save_state("dp2").result().path
+    resumed = _client(server_dp2.url).create_training_client_from_state_with_optimizer(saved).result()
+    _assert_close_lists(logprobs_of(resumed.forward(_data(3), "cross_entropy").result()), two["lp2"])
+    norms = [tc.forward_backward(_data(3), "cross_entropy").result() and
+             tc.optim_step(LINEAR_STEP).result().metrics["grad_norm:mean"] for tc in (two["client"], resumed)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-6)
+
+
+def _sft_loss(logprobs, weights):
+    return -(logprobs * weights).sum(), {"custom/lp:mean": logprobs.mean(), "custom/loss:sum": -(logprobs * weights).sum()}
+
+
+def _sixth_token(logprobs, weights):
+    return -logprobs[5], {}
+
+
+def test_custom_loss_metrics_and_errors_on_one_rank_only(server, server_dp2):
+    results = {}
+    for name, srv in (("one", server), ("two", server_dp2)):
+        client = _client(srv.url)
+        handle = client.create_custom_loss(_sft_loss, {"logprobs": 1, "weights": 1}).result()
+        tc = client.create_lora_training_client(QWEN, rank=4, seed=3).result()
+        results[name] = tc.forward_backward_custom(_data(3), handle).result().metrics
+    for key in ("custom/lp:mean", "custom/loss:sum"):
+        assert results["two"][key] == pytest.approx(results["one"][key], rel=1e-5)
+
+    # The third datum has 5 targets, so only DP rank 1 (which holds it) fails: rank 0 must not
+    # wait for it for ever, the caller gets the error, and the workers keep serving.
+    client = _client(server_dp2.url)
+    handle = client.create_custom_loss(_sixth_token, {"logprobs": 1, "weights": 1}).result()
+    tc = client.create_lora_training_client(QWEN, rank=4, seed=3).result()
+    with pytest.raises(tinker.RequestFailedError, match="index 5"):
+        tc.forward_backward_custom(_data(3), handle).result()
+    assert tc.forward_backward(_data(3), "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_a_tp_that_does_not_divide_the_workers_is_refused_at_start_up(tiny_models, tmp_path):
+    srv = ServerProcess(tmp_path, {QWEN: tiny_models[QWEN]}, workers=2, extra_args=("--tp", "3"))
+    with pytest.raises(RuntimeError, match="--tp 3 does not divide --workers 2"):
+        srv.start(timeout=60)
+    srv.stop()
+
+
+def test_tp_comes_from_the_flag_or_the_environment(monkeypatch):
+    monkeypatch.setenv("TINKERCLOUD_TP", "2")
+    assert Config.from_args(["--workers", "4"]).tp == 2
+    assert Config.from_args(["--workers", "4", "--tp", "1"]).tp == 1
+    with pytest.raises(ValueError, match="TINKERCLOUD_TP"):
+        Config(tp=-1)
