@@ -30,7 +30,8 @@ class FutureRecord:
 
 class FutureStore:
     def __init__(self, path: str) -> None:
-        self._cache = diskcache.Cache(path)
+        # No size-based eviction: a pending future must never disappear (expiry bounds the size).
+        self._cache = diskcache.Cache(path, eviction_policy="none")
         self._events: dict[str, asyncio.Event] = {}
         self._closing = False
         self._fail_orphans()

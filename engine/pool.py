@@ -17,7 +17,7 @@ from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any
 
 from engine.messages import WorkerFailed, WorkerReady, WorkItem, WorkResult
-from engine.shm_queue import CONTEXT, ShmQueue
+from engine.shm_queue import CONTEXT, ShmQueue, raise_open_file_limit
 
 log = logging.getLogger("tinkercloud.pool")
 
@@ -56,6 +56,7 @@ class WorkerPool:
     async def start(self) -> None:
         from engine import worker
 
+        raise_open_file_limit()
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         port = _free_port()
@@ -111,8 +112,11 @@ class WorkerPool:
         while True:
             try:
                 msg = self._outbox.get()
-            except (EOFError, OSError, ValueError):
+            except (EOFError, OSError, ValueError):  # the queue was closed: the pool is stopping
                 return
+            except Exception:  # noqa: BLE001 - one unreadable message must not stop all results
+                log.exception("could not read a worker result")
+                continue
             self._loop.call_soon_threadsafe(self._on_message, msg)
 
     def _on_message(self, msg: Any) -> None:

@@ -88,12 +88,16 @@ class Scheduler:
         self._start_sampling()
         return job.request_id
 
-    def forget_model(self, model_id: str) -> None:
-        self._lanes.pop(model_id, None)
+    def accepted(self, model_id: str, seq_id: int) -> str | None:
+        """The request id already given to this (model, seq_id), if any (a retry)."""
+        lane = self._lanes.get(model_id)
+        return None if lane is None else lane.accepted.get(seq_id)
 
-    def pending_models(self) -> dict[str, list[int]]:
-        """Model id -> seq_ids waiting for a lower one (for status pages and debugging)."""
-        return {m: sorted(l.waiting) for m, l in self._lanes.items() if l.waiting}
+    def forget_model(self, model_id: str) -> None:
+        """Drop the model's lane; requests still waiting for a lower seq_id fail, never hang."""
+        lane = self._lanes.pop(model_id, None)
+        for seq_id, job in sorted(lane.waiting.items()) if lane else ():
+            self.futures.fail(job.request_id, f"model {model_id} was unloaded before request {seq_id} could run", "user")
 
     # ---- execution -----------------------------------------------------------------------
     def _dispatch(self, job: _Job) -> None:

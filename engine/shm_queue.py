@@ -44,6 +44,15 @@ def from_shared(obj: Any) -> Any:
     return obj
 
 
+def raise_open_file_limit() -> None:
+    """Every tensor in flight holds a file descriptor: allow as many as the system lets us."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class ShmQueue:
     """One-way message queue; tensors inside messages travel through shared memory."""
 

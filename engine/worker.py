@@ -10,13 +10,14 @@ import os
 import traceback
 
 from engine.messages import UserError, WorkerFailed, WorkerReady, WorkItem, WorkResult
-from engine.shm_queue import ShmQueue
+from engine.shm_queue import ShmQueue, raise_open_file_limit
 
 log = logging.getLogger("tinkercloud.worker")
 
 
 def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
     os.environ.update(env)
+    raise_open_file_limit()
     rank = int(env["RANK"])
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
     try:

@@ -25,6 +25,9 @@ from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
 
+MAX_TENSOR_CELLS = 1 << 24  # a densified sparse input may not be larger than this
+
+
 class WireFormatError(ValueError):
     """The request bytes or JSON do not form a valid Tinker request."""
 
@@ -79,12 +82,21 @@ _UNSUPPORTED_CHUNKS = {"image": "image", "image_asset_pointer": "image", "dmel":
 
 def decode_forward_backward(body: bytes, content_encoding: str | None) -> ForwardBackwardIn:
     """Parse a (possibly compressed) protobuf ``ForwardBackwardRequest`` body."""
+    return forward_backward_from_message(parse_forward_backward(body, content_encoding))
+
+
+def parse_forward_backward(body: bytes, content_encoding: str | None) -> pb.ForwardBackwardRequest:
+    """Just the protobuf message: enough to know the model and seq_id before checking the data."""
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(_decompress(body, content_encoding))
     except DecodeError as e:
         raise WireFormatError(f"body is not a valid ForwardBackwardRequest protobuf: {e}") from e
+    return msg
 
+
+def forward_backward_from_message(msg: pb.ForwardBackwardRequest) -> ForwardBackwardIn:
+    """The request's data as numpy arrays; WireFormatError names the datum and field at fault."""
     config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for key, value in msg.loss_fn_config_v2.items():
         kind = value.WhichOneof("value")
@@ -198,6 +210,8 @@ def _decode_tensor(t: pb.Tensor, where: str) -> np.ndarray:
         raise WireFormatError(f"{where}: CSR has {len(col)} col_indices for {len(values)} values")
     if np.any((col < 0) | (col >= cols)):
         raise WireFormatError(f"{where}: CSR col_indices out of range [0, {cols})")
+    if rows * cols > MAX_TENSOR_CELLS:
+        raise WireFormatError(f"{where}: sparse shape {shape} has {rows * cols} cells; the limit is {MAX_TENSOR_CELLS}")
     dense = np.zeros((rows, cols), dtype=values.dtype)
     dense[np.repeat(np.arange(rows), np.diff(crow)), col] = values
     return dense

@@ -7,6 +7,7 @@ failures) and never a 500 for the user's mistake.
 from __future__ import annotations
 
 import json
+import math
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -48,6 +49,8 @@ def need(body: dict[str, Any], name: str, kind: type | tuple[type, ...] = object
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if (int in kinds or float in kinds) and isinstance(value, bool) and bool not in kinds:
         raise UserError(f"field {name!r} must be a number, got {value!r}")
+    if float in kinds and isinstance(value, (int, float)) and not math.isfinite(value):
+        raise UserError(f"field {name!r} must be a finite number, got {value!r}")
     if float in kinds and isinstance(value, int):
         return float(value)
     if not isinstance(value, kinds):
@@ -90,13 +93,18 @@ def submit_in_order(request: web.Request, model_id: str, seq_id: int, op: str,
                     build: Callable[[], tuple[dict[str, Any], Encoder]]) -> dict[str, Any]:
     """Queue `op` as request `seq_id` of `model_id`. `build()` gives (args, encoder); if it raises
     UserError, the request still takes its turn (later seq_ids must not wait for ever) and its
-    future fails with that message."""
+    future fails with that message. A retry of an accepted seq_id gets the first request's
+    future without building anything again."""
+    scheduler = state(request).scheduler
+    accepted = scheduler.accepted(model_id, seq_id)
+    if accepted is not None:
+        return {"request_id": accepted, "model_id": model_id}
     try:
         args, encode = build()
         rejection = None
-    except UserError as e:
+    except (UserError, WireFormatError) as e:
         args, encode, rejection = None, as_json, str(e)
-    rid = state(request).scheduler.submit_ordered(model_id, seq_id, op, args, encode, rejection)
+    rid = scheduler.submit_ordered(model_id, seq_id, op, args, encode, rejection)
     return {"request_id": rid, "model_id": model_id}
 
 

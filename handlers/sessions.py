@@ -38,13 +38,15 @@ async def session_heartbeat(request: web.Request) -> web.Response:
 async def finish_session(request: web.Request) -> web.Response:
     body = await json_body(request)
     session = state(request).registry.session(request.match_info["session_id"])
-    session.finished = (body.get("reason") or {}).get("type", "success")
+    session.finished = str(opt(body, "reason", dict, {}).get("type", "success"))
     return web.json_response({})
 
 
 async def telemetry(request: web.Request) -> web.Response:
     body = await json_body(request)
-    for event in body.get("events") or []:
+    for event in opt(body, "events", list, []):
+        if not isinstance(event, dict):
+            continue
         if event.get("event") == "UNHANDLED_EXCEPTION":
             log.warning("client %s reported %s: %s", body.get("session_id"), event.get("error_type"), event.get("error_message"))
     return web.json_response({"status": "accepted"})

@@ -10,10 +10,11 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.batch import unpack_outputs
 from engine.messages import UserError
 from engine.reaper import unload_run
 from engine.registry import LoraSpec
-from handlers.codec import decode_forward_backward, encode_forward_backward_output
+from handlers.codec import encode_forward_backward_output, forward_backward_from_message, parse_forward_backward
 from handlers.common import idempotent, json_body, need, opt, state, submit_in_order
 from handlers.validation import validate_forward_backward
 
@@ -76,21 +77,22 @@ async def unload_model(request: web.Request) -> web.Response:
 
 
 def _encode_forward_backward(result: dict[str, Any]) -> tuple[bytes, str]:
-    return encode_forward_backward_output(result["outputs"], result["metrics"]), "proto"
+    return encode_forward_backward_output(unpack_outputs(result["outputs"]), result["metrics"]), "proto"
 
 
 async def forward_backward(request: web.Request) -> web.Response:
     async def make() -> dict[str, Any]:
         st = state(request)
-        fb = decode_forward_backward(await request.read(), request.headers.get("Content-Encoding"))
-        run = st.registry.run(fb.model_id)
+        msg = parse_forward_backward(await request.read(), request.headers.get("Content-Encoding"))
+        run = st.registry.run(msg.model_id)
 
         def build():
+            fb = forward_backward_from_message(msg)
             batch, config = validate_forward_backward(fb, st.model_info(run.base_model), run.session_id)
             return {"model_id": run.model_id, "batch": batch, "loss_fn": fb.loss_fn,
                     "loss_fn_config": config, "forward_only": fb.forward_only}, _encode_forward_backward
 
-        return submit_in_order(request, run.model_id, fb.seq_id, "forward_backward", build)
+        return submit_in_order(request, run.model_id, msg.seq_id, "forward_backward", build)
 
     return await idempotent(request, make)
 

@@ -30,7 +30,7 @@ from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, 
                                         read_optimizer, to_peft, write_checkpoint)
 from backends.miles.prefix_cache import PrefixCache
 from backends.miles.sampler import SampleResult, SampleSpec, generate
-from engine.batch import unpack_datums
+from engine.batch import pack_outputs, unpack_datums
 from engine.messages import UserError
 from engine.registry import stamped
 
@@ -124,7 +124,7 @@ class MilesBackend(TrainingBackend):
         if not forward_only and loss is not None and loss.requires_grad:  # a custom loss may not use the logprobs
             loss.backward()
         merged = gather_shares(share)  # collective; None off DP rank 0, whose answers are never sent
-        return {} if merged is None else {"outputs": merged.outputs, "metrics": merged.metrics}
+        return {} if merged is None else {"outputs": pack_outputs(merged.outputs), "metrics": merged.metrics}
 
     def _share_loss(self, run: _Run, model_id: str, tokens: list, inputs: list[dict[str, Any]], loss_fn: str,
                     loss_fn_config: dict, forward_only: bool) -> tuple[torch.Tensor, Share]:
@@ -142,9 +142,9 @@ class MilesBackend(TrainingBackend):
             lps = [lp[i, :n] for i, n in enumerate(lengths)]
             inputs = [{k: v.to(self.device) for k, v in inp.items()} for inp in inputs]
             loss, elementwise, metrics = compute_loss(loss_fn, lps, inputs, loss_fn_config)
-        outputs = [{"logprobs": l.detach().float().cpu()} for l in lps]
+        outputs = [{"logprobs": l.detach().float().cpu().numpy()} for l in lps]
         for out, e in zip(outputs, elementwise or ()):  # custom losses have no per-token loss
-            out["elementwise_loss"] = e.detach().float().cpu()
+            out["elementwise_loss"] = e.detach().float().cpu().numpy()
         return loss, Share(outputs, metrics, len(tokens))
 
     def optim_step(self, model_id, adam):
