@@ -45,6 +45,12 @@ async def ensure_embedded_model(data_dir: str) -> ServedModel:
     return ServedModel(EMBEDDED_MODEL_NAME, str(out))
 
 
+def tokenizer_id(name: str, path: str) -> str:
+    """What `TrainingClient.get_tokenizer()` loads: a hub-style name (`org/model`) is found in the
+    client's Hugging Face cache; anything else by the checkpoint folder (a client on this machine)."""
+    return name if "/" in name and not name.startswith("tinkercloud/") else path
+
+
 def world_size(config: Config) -> int:
     if config.workers > 0:
         return config.workers
@@ -67,7 +73,7 @@ def create_app(config: Config) -> web.Application:
         futures = FutureStore(config.futures_path)
         try:
             await pool.start()
-            infos = {name: {**info, "tokenizer_id": info["path"] if not config.models else name}
+            infos = {name: {**info, "tokenizer_id": tokenizer_id(name, info["path"])}
                      for name, info in pool.models.items()}
             st = ServerState(config, pool, futures, Scheduler(pool, futures, config.max_sample_batch_rows),
                              Registry(config.data_dir), infos)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers import custom_loss, futures, rest, sampling, sessions, training, weights
+from handlers.unsupported import refuse
 
 V1 = "/api/v1"
 
@@ -43,10 +44,17 @@ def routes() -> list[web.RouteDef]:
                 rest.external_weights_urls),
         web.get(f"{V1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}/archive", rest.checkpoint_archive),
         web.get(f"{V1}/signed/{{run_id}}/{{kind}}/{{name}}/{{file}}", rest.signed_download),
+        web.post(f"{V1}/sessions/search", refuse("search")),  # before sessions/{session_id}
         web.get(f"{V1}/sessions", rest.list_sessions),
         web.get(f"{V1}/sessions/{{session_id}}", rest.get_session),
         web.post(f"{V1}/create_sampling_session", sampling.create_sampling_session),
         web.get(f"{V1}/samplers/{{sampler_id}}", sampling.get_sampler),
         web.post(f"{V1}/asample", sampling.asample),
         web.post(f"{V1}/retrieve_future", futures.retrieve_future),
+        web.post(f"{V1}/copy_weights", refuse("copy_weights")),
+        web.put(f"{V1}/sessions/{{session_id}}/project", refuse("project")),
+        web.get(f"{V1}/sessions/{{session_id}}/trace_export", refuse("trace_export")),
+        web.get(f"{V1}/audit", refuse("audit")),
+        web.get(f"{V1}/billing/usage/events", refuse("billing")),
+        web.get(f"{V1}/billing/usage/checkpoints/current", refuse("billing")),
     ]
