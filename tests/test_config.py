@@ -37,3 +37,4 @@ def test_bad_configuration_is_refused_with_a_reason(tmp_path):
     yaml_file.write_text("prot: 7000\n")
     with pytest.raises(ValueError, match="unknown config field 'prot'"):
         Config.from_file(yaml_file)
+

@@ -133,3 +133,10 @@ def test_tp_comes_from_the_flag_or_the_environment(monkeypatch):
     assert Config.from_args(["--workers", "4", "--tp", "1"]).tp == 1
     with pytest.raises(ValueError, match="TINKERCLOUD_TP"):
         Config(tp=-1)
+
+
+def test_micro_batches_keep_order_and_respect_the_token_budget():
+    from backends.miles.parallel import micro_batches
+
+    assert micro_batches([3, 3, 3, 10, 1, 1], 9) == [[0, 1, 2], [3], [4, 5]]
+    assert micro_batches([], 5) == [] and micro_batches([20], 5) == [[0]]

@@ -130,3 +130,17 @@ def test_ephemeral_sampler_and_base_model_sampler(service_client, tokenizer):
     assert c.tokens[:3] == completion[:3]
     # The earlier ephemeral sampler still serves its own frozen weights.
     assert trained_before.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0].tokens == b.tokens
+
+
+def test_a_batch_larger_than_one_micro_batch_gives_the_same_gradient_as_one_datum_at_a_time(service_client):
+    # 6 x 400 tokens exceed the logits budget of one micro-batch (2**27 / 151936 = 883 tokens).
+    rng = np.random.default_rng(0)
+    data = [sft_datum(rng.integers(0, 5000, 200).tolist(), rng.integers(0, 5000, 200).tolist()) for _ in range(6)]
+    whole = service_client.create_lora_training_client(QWEN, rank=4, seed=9).result()
+    apart = service_client.create_lora_training_client(QWEN, rank=4, seed=9).result()
+    loss_whole = whole.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+    loss_apart = sum(apart.forward_backward([d], "cross_entropy").result().metrics["loss:sum"] for d in data)
+    assert loss_whole == pytest.approx(loss_apart, rel=1e-5)
+    norm_whole = whole.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:mean"]
+    norm_apart = apart.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:mean"]
+    assert norm_whole == pytest.approx(norm_apart, rel=1e-5)

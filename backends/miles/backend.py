@@ -25,7 +25,8 @@ from backends.miles.hf_checkpoint import read_hf_config
 from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model, token_logprobs
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
-                                     gather_shares, init_distributed, is_global_rank_0)
+                                     gather_shares, init_distributed, is_global_rank_0, merge_metrics, micro_batches,
+                                     tp_size)
 from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
                                         read_optimizer, to_peft, write_checkpoint)
 from backends.miles.prefix_cache import PrefixCache
@@ -34,7 +35,8 @@ from engine.batch import pack_outputs, unpack_datums
 from engine.messages import UserError
 from engine.registry import stamped
 
-MAX_SNAPSHOTS = 64  # frozen sampler adapters kept in memory (least recently used go first)
+MAX_SNAPSHOTS = 64
+MICROBATCH_LOGITS = 1 << 27  # logits (rows x padded length x local vocab) per forward: 512 MiB in fp32  # frozen sampler adapters kept in memory (least recently used go first)
 
 
 @dataclass
@@ -45,6 +47,11 @@ class _Base:
     model: Any
     lora: LoraManager
     tokenizer: Any = None
+
+    @property
+    def local_vocab(self) -> int:
+        """Columns of this rank's logits (the vocabulary is split across tensor-parallel ranks)."""
+        return -(-self.info.vocab_size // tp_size())
 
     def decode(self, tokens: list[int]) -> str:
         if self.tokenizer is None:
@@ -111,18 +118,27 @@ class MilesBackend(TrainingBackend):
         for inp, extra in zip(inputs, batch.get("datum_inputs", ())):  # a custom loss's inputs, any shape
             inp.update(extra)
         mine = data_parallel_share(len(tokens), dp_size(), dp_rank())
-        loss, share, error = None, Share([], {}, 0), None
-        if mine:
-            try:
-                loss, share = self._share_loss(run, model_id, [tokens[i] for i in mine], [inputs[i] for i in mine],
-                                               loss_fn, loss_fn_config, forward_only)
-            except Exception as e:  # noqa: BLE001 - raised below, once every DP rank knows
-                error = e
-        error = first_failure(error)  # collective: no rank goes on to backward and gather alone
+        params = [p for _, p, _ in run.base.lora.adapter_params(model_id)]
+        grads_before = None if forward_only else [None if p.grad is None else p.grad.clone() for p in params]
+        parts, error = [], None
+        budget = max(1, MICROBATCH_LOGITS // run.base.local_vocab)
+        try:
+            for rows in micro_batches([len(tokens[i]) for i in mine], budget):
+                picked = [mine[j] for j in rows]
+                loss, part = self._share_loss(run, model_id, [tokens[i] for i in picked], [inputs[i] for i in picked],
+                                              loss_fn, loss_fn_config, forward_only)
+                if not forward_only and loss.requires_grad:  # a custom loss may not use the logprobs
+                    loss.backward()  # per micro-batch: the loss is a sum, so gradients add up exactly
+                parts.append(part)
+        except Exception as e:  # noqa: BLE001 - raised below, once every DP rank knows
+            error = e
+        error = first_failure(error)  # collective: no rank goes on to gather alone
         if error is not None:
+            if grads_before is not None:  # a failed request leaves no partial gradient behind
+                for p, g in zip(params, grads_before):
+                    p.grad = g
             raise error
-        if not forward_only and loss is not None and loss.requires_grad:  # a custom loss may not use the logprobs
-            loss.backward()
+        share = Share([o for part in parts for o in part.outputs], merge_metrics(parts), len(mine))
         merged = gather_shares(share)  # collective; None off DP rank 0, whose answers are never sent
         return {} if merged is None else {"outputs": pack_outputs(merged.outputs), "metrics": merged.metrics}
 

@@ -122,6 +122,21 @@ def data_parallel_share(rows: int, parts: int, index: int) -> range:
     return range(start, start + base + (index < extra))
 
 
+def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Consecutive groups of row indices whose padded size (rows x longest row) stays within
+    `token_budget`; a row longer than the budget goes alone."""
+    groups: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= token_budget:
+            groups[-1].append(i)
+            longest = max(longest, n)
+        else:
+            groups.append([i])
+            longest = n
+    return groups
+
+
 def first_failure(error: BaseException | None) -> BaseException | None:
     """The error to raise on this rank: its own, else the first one another DP rank hit
     (as a `UserError` if it was one), else None. A collective over the DP group."""
