@@ -89,6 +89,13 @@ async def auth_middleware(request: web.Request, handler):
     return await handler(request)
 
 
+def check_optimizer_config(body: dict[str, Any]) -> None:
+    """A new run's optimizer: only AdamW is offered."""
+    kind = opt(body, "optimizer_config", dict, {"type": "adamw"}).get("type", "adamw")
+    if kind != "adamw":
+        raise UserError(f"optimizer {kind!r} is not supported; use adamw")
+
+
 def submit_in_order(request: web.Request, model_id: str, seq_id: int, op: str,
                     build: Callable[[], tuple[dict[str, Any], Encoder]]) -> dict[str, Any]:
     """Queue `op` as request `seq_id` of `model_id`. `build()` gives (args, encoder); if it raises

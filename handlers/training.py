@@ -15,7 +15,7 @@ from engine.messages import UserError
 from engine.reaper import unload_run
 from engine.registry import LoraSpec
 from handlers.codec import encode_forward_backward_output, forward_backward_from_message, parse_forward_backward
-from handlers.common import idempotent, json_body, need, opt, state, submit_in_order
+from handlers.common import check_optimizer_config, idempotent, json_body, need, opt, state, submit_in_order
 from handlers.validation import validate_forward_backward
 
 MAX_LORA_RANK = 512
@@ -40,9 +40,7 @@ async def create_model(request: web.Request) -> web.Response:
         body = await json_body(request)
         base_model = need(body, "base_model", str)
         st.model_info(base_model)
-        optimizer = opt(body, "optimizer_config", dict, {"type": "adamw"})
-        if optimizer.get("type", "adamw") != "adamw":
-            raise UserError(f"optimizer {optimizer.get('type')!r} is not supported; use adamw")
+        check_optimizer_config(body)
         lora = _lora_spec(need(body, "lora_config", dict))
         run = st.registry.new_run(need(body, "session_id", str), need(body, "model_seq_id", int), base_model,
                                   lora, opt(body, "user_metadata", dict, {}))

@@ -17,7 +17,7 @@ from aiohttp import web
 from engine.messages import UserError
 from engine.registry import (LoraSpec, TinkerPath, TrainingRun, check_checkpoint_name, new_snapshot_id,
                              parse_tinker_path)
-from handlers.common import idempotent, json_body, need, opt, state, submit_in_order
+from handlers.common import check_optimizer_config, idempotent, json_body, need, opt, state, submit_in_order
 from handlers.state import ServerState
 
 
@@ -126,9 +126,7 @@ def _create_run_from_checkpoint(st: ServerState, body: dict[str, Any]) -> dict[s
     if base_model != meta["base_model"]:
         raise UserError(f"{path} was trained on {meta['base_model']}; it cannot be loaded onto {base_model}")
     st.model_info(base_model)
-    optimizer = opt(body, "optimizer_config", dict, {"type": "adamw"})
-    if optimizer.get("type", "adamw") != "adamw":
-        raise UserError(f"optimizer {optimizer.get('type')!r} is not supported; use adamw")
+    check_optimizer_config(body)
     run = st.registry.new_run(need(body, "session_id", str), need(body, "model_seq_id", int), base_model,
                               LoraSpec(**meta["lora"]), opt(body, "user_metadata", dict, {}))
     args = {"model_id": run.model_id, "base_model": base_model, "path": str(st.registry.checkpoint_dir(path)),
