@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One prepared check for a single H100/H200 machine with no network access. Run from the repository root:
+#
+#     bash scripts/gpu_check.sh            # results in $OUT (else ./gpu_check_out): gpu_check.log + 4 JSON files
+#
+# Needs the wheels of scripts/README.md in .whl/ (nothing is downloaded). Stages, each with its own time limit,
+# all inside GPU_CHECK_SECONDS (default 540) so one 10-minute device call holds it:
+#   1. install the carried wheels into /tmp/site;
+#   2. TP=1 correctness: the fixed SDK sequence of scripts/tp1_reference.py through a server with one GPU
+#      worker (fp32), compared with the CPU reference values in scripts/tp1_reference.json;
+#   3. Qwen3-0.6B shape, bf16, in-process: train and sample tokens/s, MFU;
+#   4. Qwen3-0.6B shape, fp32 (the server has no bf16 option yet): server through the SDK vs in-process,
+#      overhead ratio and latency split;
+#   5. Qwen3-8B shape, bf16, in-process (its 33 GB fp32 checkpoint is written on the CPU in the background
+#      from the start).
+# A stage that fails or runs out of time is reported and the next one still runs; the exit code is that of
+# the correctness stage. GPU_CHECK_SMOKE=1 runs the same stages on the embedded tiny model with tiny workloads and
+# without installing wheels (to try the script itself on a CPU machine).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+PY=${PY:-python3}
+MODELS=${MODELS:-/tmp/tinkercloud-bench-models}
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-540} ))
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TINKER_TELEMETRY=0 PYTHONWARNINGS=ignore
+
+left() { echo $(( DEADLINE - $(date +%s) )); }
+LOG=$OUT/gpu_check.log  # every stage's full output; the device tool returns at most 8 files
+stage() {  # stage NAME SECONDS CMD...: run with min(SECONDS, time left), append its output to $LOG
+  local name=$1 limit=$2; shift 2
+  local budget; budget=$(left); (( budget > limit )) && budget=$limit
+  if (( budget < 20 )); then echo "== $name: skipped (no time left)" | tee -a "$LOG"; return 124; fi
+  echo "== $name (limit ${budget}s)"
+  local t0=$SECONDS
+  timeout "$budget" "$@" > /tmp/gpu_check_stage.log 2>&1; local rc=$?
+  { echo "== $name: rc=$rc after $(( SECONDS - t0 ))s"; cat /tmp/gpu_check_stage.log; } >> "$LOG"
+  echo "   rc=$rc after $(( SECONDS - t0 ))s"; grep -v "Writing model shards" /tmp/gpu_check_stage.log | tail -n 12 | sed 's/^/   /'
+  return $rc
+}
+
+SMALL=qwen3-0.6b BIG=qwen3-8b
+TRAIN_SMALL=(--batch 8 --seq 1024 --rank 32) SAMPLE_SMALL=(--sample-requests 32 --prompt-tokens 128 --sample-tokens 128)
+TRAIN_BIG=(--batch 2 --seq 1024 --rank 32) SAMPLE_BIG=(--sample-requests 8 --prompt-tokens 128 --sample-tokens 64)
+if [[ ${GPU_CHECK_SMOKE:-0} == 1 ]]; then
+  SMALL=embedded BIG=embedded
+  TRAIN_SMALL=(--batch 2 --seq 32 --rank 4) SAMPLE_SMALL=(--sample-requests 2 --prompt-tokens 8 --sample-tokens 4)
+  TRAIN_BIG=("${TRAIN_SMALL[@]}") SAMPLE_BIG=("${SAMPLE_SMALL[@]}")
+else
+  echo "== install wheels"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$LOG"
+fi
+$PY -c 'import torch, megatron.core, tinker; print("torch", torch.__version__, "megatron-core", megatron.core.__version__, "tinker", tinker.__version__, "tf32", torch.backends.cuda.matmul.allow_tf32)' | tee -a "$LOG"
+
+# The 8B checkpoint takes minutes of CPU time: write it while the GPU does stages 2-4.
+$PY -c 'import sys; sys.path.insert(0, "."); from pathlib import Path; from scripts.bench_throughput import make_shape; print(make_shape(sys.argv[1], Path(sys.argv[2])))' "$BIG" "$MODELS" > /tmp/gpu_check_make_big.log 2>&1 &
+MAKE_BIG=$!
+
+stage tp1_check 150 $PY scripts/tp1_reference.py --check --json "$OUT/tp1_check.json"; CORRECT=$?
+
+BENCH=($PY scripts/bench_throughput.py --models-cache "$MODELS")
+stage bench_0.6b_bf16 120 "${BENCH[@]}" --json "$OUT/bench_0.6b_bf16.json" --no-server --shape "$SMALL" --dtype bf16 \
+  "${TRAIN_SMALL[@]}" --steps 5 "${SAMPLE_SMALL[@]}" --sample-rounds 2
+stage bench_0.6b_fp32_server 180 "${BENCH[@]}" --json "$OUT/bench_0.6b_fp32_server.json" --start-server --shape "$SMALL" \
+  --dtype fp32 "${TRAIN_SMALL[@]}" --steps 4 "${SAMPLE_SMALL[@]}" --sample-rounds 2 --probe-steps 2
+
+echo "== waiting for the 8B checkpoint"
+while kill -0 "$MAKE_BIG" 2>/dev/null && (( $(left) > 60 )); do sleep 5; done
+if kill -0 "$MAKE_BIG" 2>/dev/null; then
+  kill "$MAKE_BIG"; echo "   8B checkpoint not ready in time: stage skipped" | tee -a "$LOG"
+else
+  { echo "== make $BIG"; cat /tmp/gpu_check_make_big.log; } >> "$LOG"
+  stage bench_8b_bf16 "$(left)" "${BENCH[@]}" --json "$OUT/bench_8b_bf16.json" --no-server --shape "$BIG" --dtype bf16 \
+    "${TRAIN_BIG[@]}" --steps 3 "${SAMPLE_BIG[@]}" --sample-rounds 1
+fi
+
+echo "== summary"
+$PY - "$OUT" <<'EOF' | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in ("bench_0.6b_bf16", "bench_0.6b_fp32_server", "bench_8b_bf16"):
+    try:
+        r = json.loads((out / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        print(f"{name:24} no result")
+        continue
+    inproc, server, mfu = r.get("inprocess", {}), r.get("server", {}), r.get("mfu", {})
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    print(f"{name:24} in-process train {inproc['train']['tokens_per_s']} tok/s (MFU {pct(mfu.get('inprocess'))}), "
+          f"sample {inproc['sample']['tokens_per_s']} tok/s, build {inproc['build_s']} s"
+          + (f"; server train {server['train']['tokens_per_s']} tok/s (MFU {pct(mfu.get('server'))}), "
+             f"sample {server['sample']['tokens_per_s']} tok/s; overhead {r.get('overhead')}" if server else ""))
+EOF
+exit $CORRECT
