@@ -67,6 +67,7 @@ def transformer_config_from_hf(hf_cfg: dict, *, tensor_parallel_size: int = 1) -
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
+        perform_initialization=False,  # every weight is overwritten by load_hf_weights
         params_dtype=torch.float32,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
