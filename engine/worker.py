@@ -32,6 +32,7 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
     while True:
         item: WorkItem = inbox.get()
         if item.op == "shutdown":
+            _leave_process_group()
             return
         reply = run_item(backend, item)
         if rank == 0:
@@ -46,3 +47,11 @@ def run_item(backend, item: WorkItem) -> WorkResult:
     except Exception as e:  # noqa: BLE001 - the server keeps serving; the caller sees why
         log.error("request %s (%s) failed:\n%s", item.request_id, item.op, traceback.format_exc())
         return WorkResult(item.request_id, error=f"{type(e).__name__}: {e}", category="server")
+
+
+def _leave_process_group() -> None:
+    """Exiting with live gloo/NCCL threads can abort the process; leave the group first."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

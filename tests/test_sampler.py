@@ -385,6 +385,9 @@ def _worker(scenario: str, out_dir: str) -> None:
     result = _scenario_tp1(out) if scenario == "tp1" else _scenario_tp2(out)
     rank = int(os.environ["RANK"])
     (out / f"{scenario}.rank{rank}.json").write_text(json.dumps(result))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # exiting with live gloo threads can abort the process
 
 
 # ---------------------------------------------------------------------------------------
