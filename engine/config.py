@@ -15,6 +15,8 @@ from pathlib import Path
 DEFAULT_API_KEY = "tml-dev-key"
 EMBEDDED_MODEL_NAME = "tinkercloud/tiny-qwen3"
 BACKENDS = ("miles", "nemo_rl")
+DTYPES = ("auto", "float32", "bfloat16")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,10 @@ class Config:
     futures_dir: str = ""  # empty: <data_dir>/futures (see `futures_path`)
     models: tuple[ServedModel, ...] = ()  # empty: generate and serve the embedded tiny model
     workers: int = 0  # 0: one per local GPU, or 1 CPU worker without GPUs
-    tp: int = 0  # tensor-parallel degree (must divide the workers; the rest is data parallel); 0: all workers
+    tp: int = 0  # tensor-parallel degree; 0: chosen from the model size and the GPUs (see parallel.choose_layout)
+    pp: int = 0  # pipeline-parallel degree; 0: chosen likewise; tp x pp must divide the workers, the rest is DP
+    dtype: str = "auto"  # base weights: bfloat16 on GPUs, float32 on CPU; adapters and Adam state stay float32
+    recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (whole layers)
     long_poll_seconds: float = 30.0
     session_timeout_seconds: float = 300.0  # no heartbeat for this long: the session's runs are unloaded
     max_sample_batch_rows: int = 64
@@ -46,8 +51,13 @@ class Config:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"TINKERCLOUD_BACKEND must be one of {BACKENDS}, got {self.backend!r}")
-        if self.tp < 0:
-            raise ValueError(f"TINKERCLOUD_TP must be 0 (all workers) or a positive degree, got {self.tp}")
+        if self.tp < 0 or self.pp < 0:
+            raise ValueError(f"TINKERCLOUD_TP / TINKERCLOUD_PP must be 0 (automatic) or a positive degree, "
+                             f"got tp={self.tp} pp={self.pp}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TINKERCLOUD_DTYPE must be one of {DTYPES}, got {self.dtype!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"TINKERCLOUD_RECOMPUTE must be one of {RECOMPUTE}, got {self.recompute!r}")
         for key in self.api_keys:
             if not key.startswith(("tml-", "eyJ")):
                 raise ValueError(f"API key {key[:6]!r}... must start with 'tml-': the tinker SDK refuses others")
@@ -76,6 +86,9 @@ class Config:
             "data_dir": env.get("TINKERCLOUD_DATA_DIR"),
             "workers": env.get("TINKERCLOUD_WORKERS"),
             "tp": env.get("TINKERCLOUD_TP"),
+            "pp": env.get("TINKERCLOUD_PP"),
+            "dtype": env.get("TINKERCLOUD_DTYPE"),
+            "recompute": env.get("TINKERCLOUD_RECOMPUTE"),
             "session_timeout_seconds": env.get("TINKERCLOUD_SESSION_TIMEOUT"),
             "models": env.get("TINKERCLOUD_MODELS") or env.get("SUPPORTED_MODELS"),
             "allow_partial_batches": env.get("ALLOW_PARTIAL_BATCHES"),
@@ -98,7 +111,10 @@ class Config:
         p.add_argument("--backend", choices=BACKENDS)
         p.add_argument("--data-dir")
         p.add_argument("--workers", type=int, help="worker processes (tp x dp ranks); CPU workers without GPUs")
-        p.add_argument("--tp", type=int, help="tensor-parallel degree; must divide --workers (default: all workers)")
+        p.add_argument("--tp", type=int, help="tensor-parallel degree (default: chosen from model size and GPUs)")
+        p.add_argument("--pp", type=int, help="pipeline-parallel degree; tp x pp must divide --workers")
+        p.add_argument("--dtype", choices=DTYPES, help="base weight dtype (default: bfloat16 on GPU, float32 on CPU)")
+        p.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation for long sequences")
         p.add_argument("--model", action="append", metavar="NAME=PATH", help="serve an HF checkpoint dir (repeatable)")
         p.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
         a = p.parse_args(argv)
@@ -106,7 +122,7 @@ class Config:
         cfg = cls.from_env(base=base)
         flags = {
             "host": a.host, "port": a.port, "backend": a.backend, "data_dir": a.data_dir,
-            "workers": a.workers, "tp": a.tp, "models": ",".join(a.model) if a.model else None,
+            "workers": a.workers, "tp": a.tp, "pp": a.pp, "dtype": a.dtype, "recompute": a.recompute, "models": ",".join(a.model) if a.model else None,
             "api_keys": ",".join(a.api_key) if a.api_key else None,
         }
         values = _as_dict(cfg)
@@ -145,7 +161,7 @@ def _coerce(raw: dict) -> dict:
             value = parse_models(value)
         elif key == "api_keys":
             value = tuple(k.strip() for k in (value.split(",") if isinstance(value, str) else value) if k.strip())
-        elif key in ("port", "workers", "tp", "max_sample_batch_rows"):
+        elif key in ("port", "workers", "tp", "pp", "max_sample_batch_rows"):
             value = int(value)
         elif key in ("long_poll_seconds", "session_timeout_seconds"):
             value = float(value)

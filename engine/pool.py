@@ -30,7 +30,10 @@ class WorkerSpec:
     models: dict[str, str]  # base model name -> HF checkpoint dir
     data_dir: str
     world_size: int
-    tp: int  # tensor-parallel degree; world_size // tp data-parallel replicas
+    tp: int  # tensor-parallel degree
+    pp: int = 1  # pipeline-parallel degree; world_size // (tp * pp) data-parallel replicas
+    dtype: str = "auto"  # base weights (Config.dtype)
+    recompute: str = "none"  # activation recomputation (Config.recompute)
 
 
 def _free_port() -> int:

@@ -74,15 +74,20 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
 
 
-def token_logprobs(model: GPTModel, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_logprobs(model: GPTModel, tokens: torch.Tensor, targets: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log p(targets[b, t] | tokens[b, :t+1]) as float32 [b, s]; differentiable; exact under TP.
     With targets [b, s, K] (K candidate tokens per position) the result is [b, s, K].
+    `attention_mask` ([b or 1, 1, s, s] bool, True = masked) replaces the plain causal mask,
+    e.g. a block-diagonal one for rows that pack several sequences.
 
     Any LoRA routing (`LoraManager.route`) must be active around this call.
     """
     batch, seq_len = tokens.shape
     position_ids = torch.arange(seq_len, device=tokens.device).expand(batch, seq_len)
-    logits = model(tokens, position_ids, causal_mask(seq_len, tokens.device))  # [b, s, vocab / tp]
+    if attention_mask is None:
+        attention_mask = causal_mask(seq_len, tokens.device)
+    logits = model(tokens, position_ids, attention_mask)  # [b, s, vocab / tp]
     local_vocab = logits.shape[-1]
     first_padded = model.unpadded_vocab_size - tp_rank() * local_vocab
     if first_padded < local_vocab:
