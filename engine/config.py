@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from engine.model_source import public_model_name, resolve_model_dir
+
 DEFAULT_API_KEY = "tml-dev-key"
 EMBEDDED_MODEL_NAME = "tinkercloud/tiny-qwen3"
 BACKENDS = ("miles", "nemo_rl")
@@ -115,7 +117,8 @@ class Config:
         p.add_argument("--pp", type=int, help="pipeline-parallel degree; tp x pp must divide --workers")
         p.add_argument("--dtype", choices=DTYPES, help="base weight dtype (default: bfloat16 on GPU, float32 on CPU)")
         p.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation for long sequences")
-        p.add_argument("--model", action="append", metavar="NAME=PATH", help="serve an HF checkpoint dir (repeatable)")
+        p.add_argument("--model", action="append", metavar="NAME=PATH|ORG/NAME[@REV]",
+                       help="serve an HF checkpoint dir, or a hub model from the local HF cache (repeatable)")
         p.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
         a = p.parse_args(argv)
         base = cls.from_file(a.config) if a.config else None
@@ -135,7 +138,12 @@ def _as_dict(cfg: Config) -> dict:
 
 
 def parse_models(value) -> tuple[ServedModel, ...]:
-    """`NAME=PATH,...`, a JSON array of such strings / {"model_name", "path"} objects, or a list."""
+    """`NAME=PATH,...`, a JSON array of such strings / {"model_name", "path"} objects, or a list.
+
+    A bare item (no `=PATH`, no "path") is a local checkpoint directory, or else a hub name such as
+    `Qwen/Qwen3-8B` (or `Qwen/Qwen3-8B@REVISION`) served from its snapshot in the local Hugging Face
+    cache under that name (see engine/model_source.py; never a download).
+    """
     if isinstance(value, str):
         value = value.strip()
         value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v.strip()]
@@ -144,11 +152,16 @@ def parse_models(value) -> tuple[ServedModel, ...]:
         if isinstance(item, ServedModel):
             out.append(item)
         elif isinstance(item, dict):
-            out.append(ServedModel(item.get("model_name") or item["name"], item["path"]))
+            name = item.get("model_name") or item["name"]
+            out.append(ServedModel(name, item["path"]) if item.get("path") else _bare_model(name))
         else:
             name, sep, path = str(item).partition("=")
-            out.append(ServedModel(name.strip(), path.strip()) if sep else ServedModel(Path(name).name, name.strip()))
+            out.append(ServedModel(name.strip(), path.strip()) if sep else _bare_model(name.strip()))
     return tuple(out)
+
+
+def _bare_model(name_or_path: str) -> ServedModel:
+    return ServedModel(public_model_name(name_or_path), str(resolve_model_dir(name_or_path)))
 
 
 def _coerce(raw: dict) -> dict:

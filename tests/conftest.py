@@ -30,8 +30,9 @@ class ServerProcess:
     """`python tinkercloud.py` as a real subprocess on a free loopback port."""
 
     def __init__(self, data_dir: Path, models: dict[str, Path], workers: int = 1, log_name: str = "server.log",
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.data_dir, self.models, self.workers, self.extra_args = Path(data_dir), models, workers, extra_args
+        self.extra_env = dict(env or {})  # on top of this process's environment
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.data_dir / log_name
@@ -44,7 +45,7 @@ class ServerProcess:
         for name, path in self.models.items():
             cmd += ["--model", f"{name}={path}"]
         cmd += list(self.extra_args)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **self.extra_env}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
