@@ -51,6 +51,18 @@ def tokenizer_id(name: str, path: str) -> str:
     return name if "/" in name and not name.startswith("tinkercloud/") else path
 
 
+def checkpoint_bytes(model_dir: str) -> int:
+    """The size of a checkpoint's weight files: what its base weights take in memory, roughly."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def gpu_memory_bytes() -> int:
+    """One local GPU's memory (0 without GPUs): what the automatic layout fits the weights into."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+
+
 def world_size(config: Config) -> int:
     if config.workers > 0:
         return config.workers
@@ -65,10 +77,13 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(routes())
 
     async def engine(app: web.Application) -> AsyncIterator[None]:
-        dims = ParallelDims.for_workers(world_size(config), config.tp)  # refuses a tp that does not divide
         models = list(config.models) or [await ensure_embedded_model(config.data_dir)]
+        dims = ParallelDims.for_workers(  # refuses a tp x pp that does not divide the workers
+            world_size(config), config.tp, config.pp, weight_bytes=sum(checkpoint_bytes(m.path) for m in models),
+            device_bytes=gpu_memory_bytes())
         spec = WorkerSpec(config.backend, {m.name: str(Path(m.path).resolve()) for m in models},
-                          str(Path(config.data_dir).resolve()), dims.world_size, dims.tp)
+                          str(Path(config.data_dir).resolve()), dims.world_size, dims.tp, dims.pp, config.dtype,
+                          config.recompute)
         pool = WorkerPool(spec)
         futures = FutureStore(config.futures_path)
         try:
@@ -81,8 +96,8 @@ def create_app(config: Config) -> web.Application:
             reaper = asyncio.create_task(reap_periodically(
                 st.registry, st.scheduler, config.session_timeout_seconds,
                 min(REAP_INTERVAL_SECONDS, config.session_timeout_seconds / 4)))
-            log.info("serving %s on http://%s:%d with %d worker(s), tp=%d x dp=%d (%s backend)",
-                     ", ".join(sorted(infos)), config.host, config.port, spec.world_size, dims.tp, dims.dp,
+            log.info("serving %s on http://%s:%d with %d worker(s), tp=%d x pp=%d x dp=%d (%s backend)",
+                     ", ".join(sorted(infos)), config.host, config.port, spec.world_size, dims.tp, dims.pp, dims.dp,
                      config.backend)
             yield
             reaper.cancel()
@@ -103,7 +118,10 @@ def create_app(config: Config) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = Config.from_args(argv)
+    try:
+        config = Config.from_args(argv)
+    except ValueError as e:  # a bad setting or a model not found: say what, without a traceback
+        sys.exit(f"tinkercloud: {e}")
     web.run_app(create_app(config), host=config.host, port=config.port, print=None)
 
 

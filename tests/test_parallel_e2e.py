@@ -1,11 +1,16 @@
-"""Data parallelism through the whole stack: 2 CPU workers as TP=1 x DP=2 equal one worker.
+"""Data and pipeline parallelism through the whole stack: 2 CPU workers as DP=2 (TP=1) and as
+PP=2 (TP=1) each equal one worker.
 
-Each DP rank runs a contiguous share of the batch (3 datums: 2 + 1; 1 datum: one rank has
+DP: each rank runs a contiguous share of the batch (3 datums: 2 + 1; 1 datum: one rank has
 none), rank 0 gathers the outputs in batch order, and the optimizer step sums gradients over
-DP once. Compared with the shared one-worker server: logprobs, per-token losses, `loss:sum`,
-grad norms and the weights after each step (a huge Adam eps makes the step proportional to
-the gradient, so equal weights after it mean equal gradients), sampling and a checkpoint
-round trip. A layout whose tp does not divide the workers is refused at start-up.
+DP once. PP: each stage holds one of the two layers (the first the embedding, the last the
+output layer), megatron-core's 1F1B schedule runs the micro-batches, and the sampler passes
+hidden states stage to stage. Compared with the shared one-worker server: logprobs, per-token
+losses, `loss:sum`, grad norms and the weights after each step (a huge Adam eps makes the step
+proportional to the gradient, so equal weights after it mean equal gradients), sampling and a
+checkpoint round trip; a loss that fails on one rank only (a DP share, or the last stage) fails
+the request on all of them without a hang. A layout that does not divide the workers is
+refused at start-up.
 """
 from __future__ import annotations
 
@@ -29,10 +34,16 @@ def _data(n: int) -> list[types.Datum]:
     return [sft_datum(s[:3], s[3:]) for s in SEQS[:n]]
 
 
-@pytest.fixture(scope="module")
-def server_dp2(tiny_models, tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("dp2"), {QWEN: tiny_models[QWEN]}, workers=2,
-                        extra_args=("--tp", "1")).start()
+LAYOUTS = {"dp2": ("--tp", "1"), "pp2": ("--tp", "1", "--pp", "2")}
+LOGGED = {"dp2": "tp=1 x pp=1 x dp=2", "pp2": "tp=1 x pp=2 x dp=1"}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def server_dp2(request, tiny_models, tmp_path_factory):
+    """A two-worker server: DP=2, then PP=2."""
+    srv = ServerProcess(tmp_path_factory.mktemp(request.param), {QWEN: tiny_models[QWEN]}, workers=2,
+                        extra_args=LAYOUTS[request.param]).start()
+    assert LOGGED[request.param] in srv.log_path.read_text()
     yield srv
     srv.stop()
 
@@ -65,7 +76,7 @@ def _assert_close_lists(a: list[np.ndarray], b: list[np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize("datums", [3, 1, 2])
-def test_data_parallel_2_matches_one_worker(server, server_dp2, datums):
+def test_two_workers_match_one_worker(server, server_dp2, datums):
     one, two = _train(server.url, datums), _train(server_dp2.url, datums)
     for key in ("lp0", "elementwise", "lp2"):
         _assert_close_lists(two[key], one[key])
@@ -110,8 +121,9 @@ def test_custom_loss_metrics_and_errors_on_one_rank_only(server, server_dp2):
     for key in ("custom/lp:mean", "custom/loss:sum"):
         assert results["two"][key] == pytest.approx(results["one"][key], rel=1e-5)
 
-    # The third datum has 5 targets, so only DP rank 1 (which holds it) fails: rank 0 must not
-    # wait for it for ever, the caller gets the error, and the workers keep serving.
+    # The third datum has 5 targets, so only DP rank 1 (which holds it), or only the last
+    # pipeline stage, fails: the other rank must not wait for it for ever, the caller gets the
+    # error, and the workers keep serving.
     client = _client(server_dp2.url)
     handle = client.create_custom_loss(_sixth_token, {"logprobs": 1, "weights": 1}).result()
     tc = client.create_lora_training_client(QWEN, rank=4, seed=3).result()
@@ -122,7 +134,7 @@ def test_custom_loss_metrics_and_errors_on_one_rank_only(server, server_dp2):
 
 def test_a_tp_that_does_not_divide_the_workers_is_refused_at_start_up(tiny_models, tmp_path):
     srv = ServerProcess(tmp_path, {QWEN: tiny_models[QWEN]}, workers=2, extra_args=("--tp", "3"))
-    with pytest.raises(RuntimeError, match="--tp 3 does not divide --workers 2"):
+    with pytest.raises(RuntimeError, match="--tp 3 x --pp 1 does not divide --workers 2"):
         srv.start(timeout=60)
     srv.stop()
 

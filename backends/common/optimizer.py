@@ -6,7 +6,8 @@ replica then holds the global gradient and takes the same step. Summing once per
 after each backward, keeps accumulation over several forward_backward calls exact.
 
 The global gradient norm (for `grad_clip_norm` and the reported metric) counts a
-tensor-parallel shard once per rank and a replicated tensor once in total. The optimizer
+tensor-parallel shard once per rank and a replicated tensor once in total, and adds up the
+pipeline stages (each holds the factors of its own layers; a stage may hold none). The optimizer
 state can be taken out and put back by parameter name (`moments` / `load_moments`), so a
 checkpoint can restore it exactly, whatever the tensor-parallel layout of the reader.
 """
@@ -21,11 +22,14 @@ MOMENT_KINDS = ("exp_avg", "exp_avg_sq", "step")
 
 
 class AdapterOptimizer:
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter, bool]], tp_group=None, dp_group=None) -> None:
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter, bool]], tp_group=None, dp_group=None,
+                 pp_group=None) -> None:
         self.params = params
         self.tp_group = tp_group
         self.dp_group = dp_group
-        self.opt = torch.optim.AdamW([p for _, p, _ in params], lr=0.0)
+        self.pp_group = pp_group
+        # torch refuses an empty parameter list; a pipeline stage without this adapter's layers has one
+        self.opt = torch.optim.AdamW([p for _, p, _ in params] or [torch.nn.Parameter(torch.zeros(0))], lr=0.0)
         self.steps = 0
 
     def grad_norm(self) -> float:
@@ -38,11 +42,16 @@ class AdapterOptimizer:
                     sharded += sq
                 else:
                     replicated += sq
-        if self.tp_group is not None and dist.is_initialized() and dist.get_world_size(self.tp_group) > 1:
+        if _spans(self.tp_group):
             sharded = sharded.to(self._device())
             dist.all_reduce(sharded, group=self.tp_group)
             sharded = sharded.cpu()
-        return math.sqrt(float(sharded + replicated))
+        total = sharded + replicated
+        if _spans(self.pp_group):
+            total = total.to(self._device())
+            dist.all_reduce(total, group=self.pp_group)
+            total = total.cpu()
+        return math.sqrt(float(total))
 
     def _device(self) -> torch.device:
         return self.params[0][1].device if self.params else torch.device("cpu")
@@ -50,7 +59,7 @@ class AdapterOptimizer:
     def sum_data_parallel_grads(self) -> None:
         """Sum every parameter's gradient over the DP group (collective). A rank without a
         gradient adds zeros; a parameter no rank has a gradient for keeps none."""
-        if self.dp_group is None or not dist.is_initialized() or dist.get_world_size(self.dp_group) == 1:
+        if not _spans(self.dp_group):
             return
         grads = [p.grad for _, p, _ in self.params]
         has_grad = torch.tensor([float(g is not None) for g in grads], device=self._device())
@@ -110,4 +119,9 @@ class AdapterOptimizer:
                 "exp_avg": moments["exp_avg"][name].detach().to(p.device, p.dtype).clone(),
                 "exp_avg_sq": moments["exp_avg_sq"][name].detach().to(p.device, p.dtype).clone(),
             }
-        self.steps = int(max(float(moments["step"][name]) for name in names))
+        self.steps = int(max((float(moments["step"][name]) for name in names), default=self.steps))
+
+
+def _spans(group) -> bool:
+    """Whether `group` has more than one rank (a collective over it has work to do)."""
+    return group is not None and dist.is_initialized() and dist.get_world_size(group) > 1

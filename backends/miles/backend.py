@@ -23,10 +23,12 @@ from backends.common.losses import compute_loss
 from backends.common.optimizer import MOMENT_KINDS, AdapterOptimizer
 from backends.miles.hf_checkpoint import read_hf_config
 from backends.miles.lora import LoraManager
-from backends.miles.model import ModelInfo, build_model, token_logprobs
+from backends.miles.model import ModelInfo, build_model
+from backends.miles import packing, schedule
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
-                                     gather_shares, init_distributed, is_global_rank_0, merge_metrics, micro_batches,
-                                     tp_size)
+                                     gather_shares, init_distributed, is_global_rank_0, merge_metrics,
+                                     merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
+from backends.miles.schedule import MicroBatch
 from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
                                         read_optimizer, to_peft, write_checkpoint)
 from backends.miles.prefix_cache import PrefixCache
@@ -70,10 +72,11 @@ class _Run:
 
 class MilesBackend(TrainingBackend):
     def __init__(self, spec) -> None:
-        self.device = init_distributed(ParallelDims.for_workers(spec.world_size, spec.tp))
+        self.device = init_distributed(ParallelDims.for_workers(spec.world_size, spec.tp, spec.pp))
+        dtype = _weights_dtype(spec.dtype, self.device)
         self.bases: dict[str, _Base] = {}
         for name, path in spec.models.items():
-            model = build_model(path, self.device)
+            model = build_model(path, self.device, dtype, spec.recompute)
             self.bases[name] = _Base(name, path, ModelInfo.from_dir(path), model, LoraManager(model))
         self.runs: dict[str, _Run] = {}
         self.snapshots: OrderedDict[str, _Base] = OrderedDict()  # snapshot key -> its base model
@@ -97,7 +100,7 @@ class MilesBackend(TrainingBackend):
         base = self.bases[base_model]
         flags = dict(train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed)
         base.lora.add_adapter(model_id, rank, alpha, seed=seed, **flags)
-        opt = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group())
+        opt = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group())
         self.runs[model_id] = _Run(base, opt, {"rank": rank, "alpha": alpha, **flags})
         return {"model_id": model_id}
 
@@ -110,9 +113,11 @@ class MilesBackend(TrainingBackend):
     # ---- training ------------------------------------------------------------------------
     def forward_backward(self, model_id, batch, loss_fn, loss_fn_config, forward_only):
         """Each data-parallel rank runs its contiguous share of the datums (maybe none: it then
-        runs no forward, and its tensor-parallel peers, which hold the same share, neither);
-        the ranks agree on failure before any backward, and DP rank 0 gathers the per-datum
-        outputs in batch order. Gradients stay per rank until `optim_step` sums them over DP."""
+        runs no forward, and its tensor- and pipeline-parallel peers, which hold the same share,
+        neither) as micro-batches through the pipeline schedule (`schedule.run`); every rank
+        learns of any failure before it answers, and the per-datum outputs (made on the last
+        pipeline stage) are gathered in batch order on global rank 0. Gradients stay per rank
+        until `optim_step` sums them over DP."""
         run = self._run(model_id)
         tokens, inputs = unpack_datums(batch)
         for inp, extra in zip(inputs, batch.get("datum_inputs", ())):  # a custom loss's inputs, any shape
@@ -120,17 +125,24 @@ class MilesBackend(TrainingBackend):
         mine = data_parallel_share(len(tokens), dp_size(), dp_rank())
         params = [p for _, p, _ in run.base.lora.adapter_params(model_id)]
         grads_before = None if forward_only else [None if p.grad is None else p.grad.clone() for p in params]
-        parts, error = [], None
-        budget = max(1, MICROBATCH_LOGITS // run.base.local_vocab)
+        parts: list[Share] = []
+
+        def loss_of(mb: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:
+            lps = mb.split(logprobs)
+            picked = [{k: v.to(self.device) for k, v in inputs[mine[j]].items()} for j in mb.datums]
+            loss, elementwise, metrics = compute_loss(loss_fn, lps, picked, loss_fn_config)
+            outputs = [{"logprobs": lp.detach().float().cpu().numpy()} for lp in lps]
+            for out, e in zip(outputs, elementwise or ()):  # custom losses have no per-token loss
+                out["elementwise_loss"] = e.detach().float().cpu().numpy()
+            parts.append(Share(outputs, metrics, len(lps)))
+            return loss
+
+        micro: list[MicroBatch] = []
         try:
-            for rows in micro_batches([len(tokens[i]) for i in mine], budget):
-                picked = [mine[j] for j in rows]
-                loss, part = self._share_loss(run, model_id, [tokens[i] for i in picked], [inputs[i] for i in picked],
-                                              loss_fn, loss_fn_config, forward_only)
-                if not forward_only and loss.requires_grad:  # a custom loss may not use the logprobs
-                    loss.backward()  # per micro-batch: the loss is a sum, so gradients add up exactly
-                parts.append(part)
-        except Exception as e:  # noqa: BLE001 - raised below, once every DP rank knows
+            micro = self._micro_batches(run.base, [tokens[i] for i in mine], [inputs[i] for i in mine])
+            with run.base.lora.route_all(model_id):
+                error = schedule.run(run.base.model, micro, loss_of, forward_only=forward_only)
+        except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
         error = first_failure(error)  # collective: no rank goes on to gather alone
         if error is not None:
@@ -138,30 +150,25 @@ class MilesBackend(TrainingBackend):
                 for p, g in zip(params, grads_before):
                     p.grad = g
             raise error
-        share = Share([o for part in parts for o in part.outputs], merge_metrics(parts), len(mine))
-        merged = gather_shares(share)  # collective; None off DP rank 0, whose answers are never sent
+        outputs = packing.in_batch_order([mb.layout for mb in micro], [part.outputs for part in parts]) if parts else []
+        share = Share(outputs, merge_metrics(parts), len(mine))
+        merged = to_first_stage(gather_shares(share))  # collectives; None where the answer is not sent
         return {} if merged is None else {"outputs": pack_outputs(merged.outputs), "metrics": merged.metrics}
 
-    def _share_loss(self, run: _Run, model_id: str, tokens: list, inputs: list[dict[str, Any]], loss_fn: str,
-                    loss_fn_config: dict, forward_only: bool) -> tuple[torch.Tensor, Share]:
-        """Forward this rank's datums and compute their loss (not yet backpropagated)."""
+    def _micro_batches(self, base: _Base, tokens: list, inputs: list[dict[str, Any]]) -> list[MicroBatch]:
+        """This rank's datums packed into micro-batches (`packing.pack`) whose logits stay within
+        MICROBATCH_LOGITS; with several pipeline stages, also at least as many micro-batches as
+        stages when the datums allow (fewer leaves stages idle)."""
         lengths = [len(t) for t in tokens]
-        rows, seq_len = len(tokens), max(lengths)
-        top_k = tuple(inputs[0]["target_tokens"].shape[1:])  # () or (K,): K targets per position
-        tok = torch.zeros(rows, seq_len, dtype=torch.long)
-        tgt = torch.zeros(rows, seq_len, *top_k, dtype=torch.long)
-        for i, (t, inp) in enumerate(zip(tokens, inputs)):
-            tok[i, : lengths[i]] = t
-            tgt[i, : lengths[i]] = inp["target_tokens"]
-        with torch.set_grad_enabled(not forward_only), run.base.lora.route([model_id] * rows):
-            lp = token_logprobs(run.base.model, tok.to(self.device), tgt.to(self.device))
-            lps = [lp[i, :n] for i, n in enumerate(lengths)]
-            inputs = [{k: v.to(self.device) for k, v in inp.items()} for inp in inputs]
-            loss, elementwise, metrics = compute_loss(loss_fn, lps, inputs, loss_fn_config)
-        outputs = [{"logprobs": l.detach().float().cpu().numpy()} for l in lps]
-        for out, e in zip(outputs, elementwise or ()):  # custom losses have no per-token loss
-            out["elementwise_loss"] = e.detach().float().cpu().numpy()
-        return loss, Share(outputs, metrics, len(tokens))
+        budget = max(1, MICROBATCH_LOGITS // base.local_vocab)
+        if pp_size() > 1 and lengths:
+            budget = min(budget, max(max(lengths), -(-sum(lengths) // pp_size())))
+        micro = []
+        for layout in packing.pack(lengths, budget):
+            tok, tgt, mask = layout.inputs([tokens[i] for i in layout.datums],
+                                           [inputs[i]["target_tokens"] for i in layout.datums], self.device)
+            micro.append(MicroBatch(layout, tok, tgt, mask))
+        return micro
 
     def optim_step(self, model_id, adam):
         return {"metrics": self._run(model_id).optimizer.step(adam)}
@@ -188,7 +195,7 @@ class MilesBackend(TrainingBackend):
         base = self.bases[base_model]
         folder = Path(path)
         flags = self._install(base, model_id, folder, trainable=True)
-        optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group())
+        optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group())
         if with_optimizer:
             try:
                 optimizer.load_moments(self._local_moments(base, read_optimizer(folder)))
@@ -217,11 +224,11 @@ class MilesBackend(TrainingBackend):
 
     def _full_moments(self, run: _Run) -> dict[str, torch.Tensor]:
         """The AdamW state as flat `<factor>.<kind>` tensors in full layout (collective)."""
-        moments = run.optimizer.moments()
-        flat = {f"{name}.step": step for name, step in moments.get("step", {}).items()}
+        moments = run.optimizer.moments()  # this stage's factors' (on a stage without any: empty)
+        flat = {f"{name}.step": step for name, step in merge_over_stages(moments.get("step", {})).items()}
         for kind in ("exp_avg", "exp_avg_sq"):
-            if kind in moments:
-                flat.update({f"{name}.{kind}": t for name, t in run.base.lora.gather_full_state(moments[kind]).items()})
+            full = run.base.lora.gather_full_state(moments.get(kind, {}))
+            flat.update({f"{name}.{kind}": t for name, t in full.items()})
         return flat
 
     @staticmethod
@@ -250,7 +257,7 @@ class MilesBackend(TrainingBackend):
 
     @staticmethod
     def _layout(base: _Base) -> FusedLayout:
-        return FusedLayout.from_hf_config(read_hf_config(base.path), base.model.output_layer.output_size)
+        return FusedLayout.from_hf_config(read_hf_config(base.path), base.model.vocab_size)  # padded vocabulary
 
     def _load_snapshot(self, base: _Base, key: str, path: str) -> None:
         """Load a saved sampler checkpoint as the frozen adapter `key`."""
@@ -322,6 +329,13 @@ def _sample_result(out: SampleResult) -> dict[str, Any]:
         "prompt_alt_tokens": out.prompt_alt_tokens,
         "prompt_cache_hit_tokens": out.prompt_cache_hit_tokens,
     }
+
+
+def _weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The base weights' dtype: bfloat16 on GPUs and float32 on CPU unless chosen."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def _tp_group():

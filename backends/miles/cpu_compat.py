@@ -49,5 +49,21 @@ def enable() -> bool:
     mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
         new_state
     )
+    # The pipeline schedules count tokens in `torch.zeros([], device="cuda")`: give that
+    # module (only) a torch whose `zeros` puts a literal "cuda" on the CPU.
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuZerosTorch()
     _enabled = True
     return True
+
+
+class _CpuZerosTorch:
+    """`torch`, except that `zeros(..., device="cuda")` allocates on the CPU."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if str(device).startswith("cuda") else device, **kwargs)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 from safetensors import safe_open
 
+from backends.miles.load_progress import LoadProgress
 from backends.miles.parallel import tp_rank, tp_size
 
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": True, "LlamaForCausalLM": False}  # -> qk_layernorm
@@ -36,10 +37,15 @@ def read_hf_config(model_dir: str | Path) -> dict:
     return json.loads((Path(model_dir) / "config.json").read_text())
 
 
-def transformer_config_from_hf(hf_cfg: dict, *, tensor_parallel_size: int = 1) -> tuple[TransformerConfig, dict]:
+def transformer_config_from_hf(hf_cfg: dict, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                               dtype: torch.dtype = torch.float32, recompute: str = "none",
+                               ) -> tuple[TransformerConfig, dict]:
     """The mcore TransformerConfig and GPTModel keyword arguments for an HF config.
 
     `gpt_kwargs["vocab_size"]` is the HF vocabulary; the caller pads it when tp requires.
+    `dtype` is the base weights' (and the activations') dtype; `recompute` is "none",
+    "selective" (recompute the attention core in backward) or "full" (every layer's forward).
+    Pipeline stages exchange activations whose shapes vary per micro-batch.
     """
     arch = (hf_cfg.get("architectures") or [None])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -68,14 +74,23 @@ def transformer_config_from_hf(hf_cfg: dict, *, tensor_parallel_size: int = 1) -
         attention_dropout=0.0,
         use_cpu_initialization=True,
         perform_initialization=False,  # every weight is overwritten by load_hf_weights
-        params_dtype=torch.float32,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # dense models: only satisfies a check on variable_seq_lengths
+        calculate_per_token_loss=True,  # the pipeline schedule must not rescale our summed losses
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        **_recompute_kwargs(recompute),
     )
+    if config.num_layers % pipeline_parallel_size:
+        raise ValueError(f"{config.num_layers} layers do not split into {pipeline_parallel_size} pipeline stages")
     gpt_kwargs = dict(
         vocab_size=hf_cfg["vocab_size"],
         max_sequence_length=hf_cfg["max_position_embeddings"],
@@ -84,6 +99,16 @@ def transformer_config_from_hf(hf_cfg: dict, *, tensor_parallel_size: int = 1) -
         **_rope_kwargs(hf_cfg),
     )
     return config, gpt_kwargs
+
+
+def _recompute_kwargs(recompute: str) -> dict:
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
 
 
 def _rope_kwargs(hf_cfg: dict) -> dict:
@@ -148,7 +173,11 @@ class _SafetensorsReader:
 
 
 def load_hf_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
-    """Fill every parameter of an mcore GPTModel with this rank's slice of the HF weights."""
+    """Fill every parameter of an mcore GPTModel with this rank's slice of the HF weights.
+
+    The model may be one pipeline stage: it then holds the embedding only on the first stage,
+    the final norm and output layer only on the last, and its own layers (numbered locally,
+    `layer_number` global). Only this rank's tensors (and slices of them) are read."""
     config: TransformerConfig = model.config
     tp, rank = tp_size(), tp_rank()
     model_dir = Path(model_dir)
@@ -160,37 +189,42 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
         return w[:, rank * n : (rank + 1) * n]
 
     def vocab_rows(w) -> torch.Tensor:
-        n = model.embedding.word_embeddings.weight.shape[0]  # padded vocabulary / tp
+        n = model.vocab_size // tp  # padded vocabulary / tp
         rows = w[rank * n : min((rank + 1) * n, vocab)]
         return F.pad(rows, (0, 0, 0, n - rows.shape[0]))
 
     with contextlib.ExitStack() as stack:
         ckpt = _SafetensorsReader(model_dir, stack)
-        sources = {
-            "embedding.word_embeddings.weight": lambda: vocab_rows(ckpt.slice("model.embed_tokens.weight")),
-            "decoder.final_layernorm.weight": lambda: ckpt.tensor("model.norm.weight"),
-        }
-        if not model.share_embeddings_and_output_weights:
-            sources["output_layer.weight"] = lambda: vocab_rows(ckpt.slice("lm_head.weight"))
-        for i in range(config.num_layers):
-            sources.update(_layer_sources(ckpt, config, i, tp, rank, columns))
+        sources = {}
+        if model.pre_process:
+            sources["embedding.word_embeddings.weight"] = lambda: vocab_rows(ckpt.slice("model.embed_tokens.weight"))
+        if model.post_process:
+            sources["decoder.final_layernorm.weight"] = lambda: ckpt.tensor("model.norm.weight")
+            if not model.pre_process or not model.share_embeddings_and_output_weights:  # a stage's own copy
+                unembed = "model.embed_tokens.weight" if model.share_embeddings_and_output_weights else "lm_head.weight"
+                sources["output_layer.weight"] = lambda: vocab_rows(ckpt.slice(unembed))
+        for i, layer in enumerate(model.decoder.layers):
+            sources.update(_layer_sources(ckpt, config, i, layer.layer_number - 1, tp, rank, columns))
 
         params = dict(model.named_parameters())
         missing = sorted(set(params) - set(sources))
         unexpected = sorted(set(sources) - set(params))
         if missing or unexpected:
             raise RuntimeError(f"HF->mcore mapping mismatch: unfilled {missing}, unknown {unexpected}")
-        with torch.no_grad():
+        with torch.no_grad(), LoadProgress(f"loading {model_dir}", total=len(sources), unit="tensors") as progress:
             for name, read in sources.items():
                 value = read()
                 if value.shape != params[name].shape:
                     shapes = f"checkpoint gives {tuple(value.shape)}, model has {tuple(params[name].shape)}"
                     raise RuntimeError(f"{name}: {shapes}")
                 params[name].copy_(value)
+                progress.advance()
 
 
-def _layer_sources(ckpt: _SafetensorsReader, config: TransformerConfig, i: int, tp: int, rank: int, columns) -> dict:
-    hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+def _layer_sources(ckpt: _SafetensorsReader, config: TransformerConfig, i: int, hf_i: int, tp: int, rank: int,
+                   columns) -> dict:
+    """mcore parameter (local layer i) -> reader of its slice of HF layer hf_i."""
+    hf, mc = f"model.layers.{hf_i}.", f"decoder.layers.{i}."
     attn, mlp = hf + "self_attn.", hf + "mlp."
     sources = {
         mc + "input_layernorm.weight": lambda: ckpt.tensor(hf + "input_layernorm.weight"),

@@ -31,6 +31,11 @@ in Hugging Face order so an adapter exports to PEFT by splitting B and repeating
 State dicts are keyed `<module path>.lora_A` / `.lora_B`, e.g.
 `decoder.layers.0.self_attention.linear_qkv.lora_B`. Wrapping moves a target's base weight
 from `<path>.weight` to `<path>.base.weight`.
+
+Pipeline parallelism: a stage wraps only its own layers, but names them by their global layer
+number, so keys mean the same on every stage and in a PP=1 model. An adapter's factors on
+other stages are simply absent here; `gather_full_state` collects every stage's and
+`shard_full_state` keeps this stage's.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 
 from backends.miles.hf_checkpoint import gate_up_shard, qkv_shard
-from backends.miles.parallel import tp_rank, tp_size
+from backends.miles.parallel import merge_over_stages, pp_size, tp_rank, tp_size
 
 TARGET_GROUPS = {
     "linear_qkv": "attn",
@@ -104,7 +109,7 @@ class LoraLinear(nn.Module):
             raise ValueError("a column-parallel LoraLinear needs B's row layout for every tp rank")
         self.b_rows_by_rank = b_rows_by_rank
         self.adapters: dict[str, LoraFactors] = {}  # not registered: the model's own state stays the base
-        self.routing: tuple[int, list[tuple[str, torch.Tensor | None]]] | None = None
+        self.routing: tuple[int | None, list[tuple[str, torch.Tensor | None]]] | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -187,7 +192,7 @@ class LoraLinear(nn.Module):
         if self.routing is None:
             return []
         batch, groups = self.routing
-        if input_.shape[1] != batch:
+        if batch is not None and input_.shape[1] != batch:
             raise ValueError(f"route() was given {batch} rows but the layer sees batch {input_.shape[1]}")
         return [(self.adapters[name], rows) for name, rows in groups if name in self.adapters]
 
@@ -229,9 +234,10 @@ class LoraManager:
                 rows = _b_rows_by_rank(leaf, module, model.config) if isinstance(module, ColumnParallelLinear) else None
                 wrapped = LoraLinear(module, self.device, rows)
                 setattr(model.get_submodule(parent_path), leaf, wrapped)
-                self.modules[path] = wrapped
+                self.modules[_global_path(model, path)] = wrapped
         if not self.modules:
             raise ValueError("no LoRA target layers found (is the model already wrapped?)")
+        self.all_paths = _every_stage(list(self.modules))  # the wrapped layers of every pipeline stage
         self._adapters: dict[str, AdapterConfig] = {}
         self._routing_active = False
 
@@ -251,9 +257,9 @@ class LoraManager:
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} already exists")
         wanted = {"attn": train_attn, "mlp": train_mlp, "unembed": train_unembed}
-        paths = tuple(p for p in self.modules if wanted[TARGET_GROUPS[p.rpartition(".")[2]]])
-        if not paths:
+        if not any(wanted[TARGET_GROUPS[p.rpartition(".")[2]]] for p in self.all_paths):
             raise ValueError("an adapter needs at least one of train_attn, train_mlp, train_unembed")
+        paths = tuple(p for p in self.modules if wanted[TARGET_GROUPS[p.rpartition(".")[2]]])
         for path in paths:
             # Same generator state on every rank, so A's shards come from one full tensor.
             generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{path}".encode()))
@@ -265,11 +271,12 @@ class LoraManager:
     ) -> None:
         """Create or replace adapter `name` from this rank's tensors (as `adapter_state` gives).
 
-        The layers it applies to are those named in `state`. Replacing makes new Parameters.
+        The layers it applies to are those named in `state` (on a pipeline stage, maybe none).
+        Replacing makes new Parameters.
         """
         paths = tuple(p for p in self.modules if f"{p}.lora_A" in state or f"{p}.lora_B" in state)
         unknown = set(state) - {f"{p}.{f}" for p in paths for f in ("lora_A", "lora_B")}
-        if unknown or not paths:
+        if unknown or (not paths and pp_size() == 1):
             raise ValueError(f"state does not match the model's LoRA layers: unknown keys {sorted(unknown)}")
         for path in paths:
             for factor in ("lora_A", "lora_B"):
@@ -319,9 +326,12 @@ class LoraManager:
 
     # --- full (HF-order) layout ------------------------------------------------------------
     def shard_full_state(self, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's part of a state dict given in full layout (no communication)."""
+        """This rank's part of a state dict given in full layout (no communication); factors
+        of other pipeline stages' layers are left out."""
         local = {}
         for key, value in full_state.items():
+            if key.rpartition(".")[0] in self.all_paths and key.rpartition(".")[0] not in self.modules:
+                continue
             module, factor = self._module_of(key)
             local[key] = module.shard(factor, value)
         return local
@@ -329,12 +339,15 @@ class LoraManager:
     def gather_full_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The full layout of a per-rank state dict (factors or their gradients).
 
-        Collective: every tp rank must call it with the same keys.
+        Collective: every tp rank must call it with the same keys, and every pipeline stage
+        must call it (each with its own layers' keys); every rank gets the whole result.
         """
         full = {}
         for key in sorted(state):
             module, factor = self._module_of(key)
             full[key] = module.unshard(factor, state[key])
+        if pp_size() > 1:
+            full = {k: v.to(self.device) for k, v in merge_over_stages(full).items()}
         return full
 
     def _module_of(self, key: str) -> tuple[LoraLinear, str]:
@@ -344,11 +357,8 @@ class LoraManager:
         return self.modules[path], factor
 
     # --- routing ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def route(self, row_adapters: Sequence[str | None]) -> Iterator[None]:
+    def route(self, row_adapters: Sequence[str | None]) -> contextlib.AbstractContextManager:
         """Within the block, batch row i uses adapter `row_adapters[i]` (None: the base model)."""
-        if self._routing_active:
-            raise RuntimeError("route() does not nest")
         rows_of: dict[str, list[int]] = {}
         for i, name in enumerate(row_adapters):
             if name is not None:
@@ -359,6 +369,18 @@ class LoraManager:
             (name, None if len(rows) == batch else torch.tensor(rows, device=self.device))
             for name, rows in rows_of.items()
         ]
+        return self._routing(batch, groups)
+
+    def route_all(self, name: str) -> contextlib.AbstractContextManager:
+        """Within the block, every row of every batch uses adapter `name`, whatever the batch
+        size: for a run of micro-batches, and for layers recomputed during backward."""
+        self.adapter_config(name)
+        return self._routing(None, [(name, None)])
+
+    @contextlib.contextmanager
+    def _routing(self, batch: int | None, groups: list) -> Iterator[None]:
+        if self._routing_active:
+            raise RuntimeError("route() does not nest")
         self._routing_active = True
         for module in self.modules.values():
             module.routing = (batch, groups)
@@ -368,6 +390,19 @@ class LoraManager:
             for module in self.modules.values():
                 module.routing = None
             self._routing_active = False
+
+
+def _global_path(model: nn.Module, path: str) -> str:
+    """`path` with a decoder layer's local index replaced by its global layer number - 1."""
+    parts = path.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+def _every_stage(paths: list[str]) -> list[str]:
+    """The wrapped-layer paths of every pipeline stage, in stage order (collective over PP)."""
+    return list(merge_over_stages(dict.fromkeys(paths)))
 
 
 def _b_rows_by_rank(leaf: str, module: ColumnParallelLinear, config) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from backends.miles.hf_checkpoint import load_hf_weights, read_hf_config, transformer_config_from_hf
-from backends.miles.parallel import tp_rank, tp_size
+from backends.miles.parallel import is_first_stage, is_last_stage, pp_size, tp_rank, tp_size
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,24 @@ class ModelInfo:
         )
 
 
-def build_model(model_dir: str | Path, device: torch.device | str) -> GPTModel:
+def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                recompute: str = "none") -> GPTModel:
     """This rank's shard of the HF model as an mcore GPTModel, base weights frozen.
 
-    Needs `parallel.init_distributed` first. When tp does not divide the vocabulary, the
-    embedding and output layer get zero rows up to the next multiple of tp; `token_logprobs`
-    masks them out (`model.unpadded_vocab_size` records the real size).
+    Needs `parallel.init_distributed` first. The shard is this rank's tensor-parallel slice of
+    its pipeline stage (the embedding on the first stage, final norm and output layer on the
+    last). When tp does not divide the vocabulary, the embedding and output layer get zero rows
+    up to the next multiple of tp; `token_logprobs` masks them out
+    (`model.unpadded_vocab_size` records the real size).
     """
-    config, gpt_kwargs = transformer_config_from_hf(read_hf_config(model_dir), tensor_parallel_size=tp_size())
+    config, gpt_kwargs = transformer_config_from_hf(
+        read_hf_config(model_dir), tensor_parallel_size=tp_size(), pipeline_parallel_size=pp_size(), dtype=dtype,
+        recompute=recompute)
     vocab = gpt_kwargs.pop("vocab_size")
     padded_vocab = -(-vocab // tp_size()) * tp_size()
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
-    model = GPTModel(config, spec, vocab_size=padded_vocab, **gpt_kwargs)
+    model = GPTModel(config, spec, vocab_size=padded_vocab, pre_process=is_first_stage(),
+                     post_process=is_last_stage(), **gpt_kwargs)
     load_hf_weights(model, model_dir)
     model.requires_grad_(False)
     model.unpadded_vocab_size = vocab
@@ -83,11 +89,21 @@ def token_logprobs(model: GPTModel, tokens: torch.Tensor, targets: torch.Tensor,
 
     Any LoRA routing (`LoraManager.route`) must be active around this call.
     """
+    return logprobs_from_logits(model, forward(model, tokens, attention_mask), targets)
+
+
+def forward(model: GPTModel, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The model on token rows [b, s]: logits [b, s, vocab / tp] from the last pipeline stage,
+    hidden states [s, b, hidden] from the others (whose input comes from `set_input_tensor`)."""
     batch, seq_len = tokens.shape
     position_ids = torch.arange(seq_len, device=tokens.device).expand(batch, seq_len)
     if attention_mask is None:
         attention_mask = causal_mask(seq_len, tokens.device)
-    logits = model(tokens, position_ids, attention_mask)  # [b, s, vocab / tp]
+    return model(tokens, position_ids, attention_mask)
+
+
+def logprobs_from_logits(model: GPTModel, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`token_logprobs` from this rank's vocabulary shard of the logits."""
     local_vocab = logits.shape[-1]
     first_padded = model.unpadded_vocab_size - tp_rank() * local_vocab
     if first_padded < local_vocab:

@@ -25,27 +25,50 @@ from dataclasses import dataclass
 from typing import Any
 
 
+WEIGHT_SHARE = 0.5  # of a GPU's memory that one rank's base-weight shard may take when the layout is automatic
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     tp: int = 1
     dp: int = 1
+    pp: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.dp < 1:
+        if self.tp < 1 or self.dp < 1 or self.pp < 1:
             raise ValueError(f"parallel sizes must be at least 1, got {self}")
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.dp
+        return self.tp * self.pp * self.dp
 
     @classmethod
-    def for_workers(cls, workers: int, tp: int) -> "ParallelDims":
-        """The layout of `workers` ranks with tensor-parallel degree `tp` (0: all of them)."""
-        tp = tp or workers
-        if tp < 1 or workers % tp:
-            raise ValueError(f"--tp {tp} does not divide --workers {workers}: the workers form tp x dp groups, "
-                             "so the worker count must be a multiple of the tensor-parallel degree")
-        return cls(tp=tp, dp=workers // tp)
+    def for_workers(cls, workers: int, tp: int = 0, pp: int = 0, *, weight_bytes: int = 0,
+                    device_bytes: int = 0) -> "ParallelDims":
+        """The layout of `workers` ranks. A degree given (> 0) is kept; one left at 0 is chosen.
+
+        On GPUs (`device_bytes` > 0: one GPU's memory) the smallest pipeline degree, then the
+        smallest tensor degree (1, 2, 4, 8: tensor parallelism stays within a node) whose
+        per-rank share of `weight_bytes` fits in WEIGHT_SHARE of a GPU; the rest is data
+        parallel. Without GPUs every worker joins one tensor-parallel group (pp 1), unless told.
+        """
+        def fits(t: int, p: int) -> bool:
+            return t >= 1 and p >= 1 and workers % (t * p) == 0
+
+        if tp and pp:
+            chosen = (tp, pp)
+        elif not device_bytes:
+            chosen = (tp or workers // (pp or 1), pp or 1)
+        else:
+            budget = WEIGHT_SHARE * device_bytes
+            layouts = [(t, p) for p in ([pp] if pp else range(1, workers + 1))
+                       for t in ([tp] if tp else (1, 2, 4, 8)) if fits(t, p)]
+            chosen = next(((t, p) for t, p in layouts if weight_bytes <= budget * t * p),
+                          max(layouts, key=lambda tp_pp: tp_pp[0] * tp_pp[1], default=(tp or 1, pp or 1)))
+        if not fits(*chosen):
+            raise ValueError(f"--tp {chosen[0]} x --pp {chosen[1]} does not divide --workers {workers}: the "
+                             "workers form tp x pp x dp groups, so the worker count must be a multiple of tp x pp")
+        return cls(tp=chosen[0], pp=chosen[1], dp=workers // (chosen[0] * chosen[1]))
 
 
 def init_distributed(dims: ParallelDims, seed: int = 1234):
@@ -72,7 +95,8 @@ def init_distributed(dims: ParallelDims, seed: int = 1234):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp,
+                                                 pipeline_model_parallel_size=dims.pp)
     model_parallel_cuda_manual_seed(seed)
     return device
 
@@ -87,6 +111,51 @@ def tp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def pp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def pp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def is_first_stage() -> bool:
+    return pp_rank() == 0
+
+
+def is_last_stage() -> bool:
+    return pp_rank() == pp_size() - 1
+
+
+def last_stage_rank() -> int:
+    """The global rank of this pipeline's last stage."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_last_rank()
+
+
+def merge_over_stages(items: dict) -> dict:
+    """Every pipeline stage's `items` merged, on every stage (collective over PP; tensors travel
+    via CPU)."""
+    if pp_size() == 1:
+        return items
+    import torch.distributed as dist
+
+    stages = [None] * pp_size()
+    dist.all_gather_object(stages, {k: getattr(v, "cpu", lambda: v)() for k, v in items.items()}, group=pp_group())
+    return {k: v for stage in stages for k, v in stage.items()}
 
 
 def dp_rank() -> int:
@@ -138,23 +207,25 @@ def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
 
 
 def first_failure(error: BaseException | None) -> BaseException | None:
-    """The error to raise on this rank: its own, else the first one another DP rank hit
-    (as a `UserError` if it was one), else None. A collective over the DP group."""
+    """The error to raise on this rank: its own, else the first one another rank hit (as a
+    `UserError` if it was one), else None. A collective over all ranks: a DP rank's share or
+    the last pipeline stage's loss may fail where the others did not."""
     import torch.distributed as dist
 
     from engine.messages import UserError
 
-    if dp_size() == 1:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
         return error
-    reports = [None] * dp_size()
+    reports = [None] * world
     mine = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}", str(error))
-    dist.all_gather_object(reports, mine, group=dp_group())
+    dist.all_gather_object(reports, mine)
     if error is not None:
         return error
     for rank, report in enumerate(reports):
         if report is not None:
             is_user, described, message = report
-            return UserError(message) if is_user else RuntimeError(f"data-parallel rank {rank} failed: {described}")
+            return UserError(message) if is_user else RuntimeError(f"rank {rank} failed: {described}")
     return None
 
 
@@ -180,6 +251,19 @@ def gather_shares(share: Share) -> Share | None:
         return None
     outputs = [out for s in shares for out in s.outputs]
     return Share(outputs, merge_metrics(shares), sum(s.datums for s in shares))
+
+
+def to_first_stage(share: Share | None) -> Share | None:
+    """On DP rank 0 of the first pipeline stage (which holds global rank 0, the one that
+    answers), the share its last stage gathered; elsewhere `share` unchanged. A collective over
+    the pipeline groups of DP rank 0."""
+    if pp_size() == 1 or dp_rank() != 0:
+        return share
+    import torch.distributed as dist
+
+    box = [share]
+    dist.broadcast_object_list(box, src=last_stage_rank(), group=pp_group())
+    return box[0]
 
 
 def merge_metrics(shares: list[Share]) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Token generation from a megatron-core GPTModel with a KV cache, many requests batched together.
 
-This module's one job: given a (possibly LoRA-wrapped, possibly tensor-parallel) mcore
+This module's one job: given a (possibly LoRA-wrapped, tensor- or pipeline-parallel) mcore
 `GPTModel` and a list of `SampleSpec`s, produce the sampled tokens, their logprobs and,
 on request, top-k tables and scores of the prompt, reusing K/V of earlier prompts from a
 prefix cache when given one. It walks the model's own submodules (embedding, each
@@ -62,6 +62,7 @@ from typing import Callable, ContextManager
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from backends.miles.distributions import empty_table, inverse_cdf, topk_table
@@ -191,11 +192,13 @@ class _Runner:
         attn = self.layers[0].self_attention if self.layers else None
         pgc = getattr(attn, "pg_collection", None)
         self.cp_group = getattr(pgc, "cp", None)
+        self.stages = _Stages()
         self.out_weight = (
-            model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+            model.shared_embedding_or_output_weight()
+            if model.share_embeddings_and_output_weights and self.stages.last else None
         )
-        self.gather_output = bool(getattr(model.output_layer, "gather_output", False))
-        weight = model.embedding.word_embeddings.weight
+        self.gather_output = self.stages.last and bool(getattr(model.output_layer, "gather_output", False))
+        weight = model.embedding.word_embeddings.weight if self.stages.first else next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
 
     # -- pieces --------------------------------------------------------------------------
@@ -216,14 +219,18 @@ class _Runner:
         return q, k, v, gate
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [s, b, H] (after the final norm) -> full-vocab float32 logits [s, b, V] on every rank."""
+        """h [s, b, H] (after the final norm) -> full-vocab float32 logits [s, b, V] on every rank
+        (the last pipeline stage computes them and sends them to the other stages, whose `h`
+        only gives the shape)."""
+        if not self.stages.last:
+            return self.stages.from_last(torch.empty(*h.shape[:2], self.vocab_size, device=self.device))
         logits, _ = self.model.output_layer(h, weight=self.out_weight)
         if not self.gather_output:
             logits = self._gather(logits)
         real = getattr(self.model, "unpadded_vocab_size", None)  # rows added only to divide by tp
         if real is not None and real < logits.shape[-1]:
             logits = logits[..., :real]
-        return logits.float()
+        return self.stages.from_last(logits.float().contiguous())
 
     def row_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [c, H] (one row's positions) -> float32 logits [c, V]."""
@@ -236,7 +243,10 @@ class _Runner:
         prefix cache): those keep their cached K/V. Returns the hidden states after the
         final norm, [s, b, H]."""
         s = tokens.shape[1]
-        h = self.model.embedding(input_ids=tokens, position_ids=pos)  # [s, b, H]
+        if self.stages.first:
+            h = self.model.embedding(input_ids=tokens, position_ids=pos)  # [s, b, H]
+        else:
+            h = self.stages.from_previous((s, tokens.shape[0], self.cfg.hidden_size), self.dtype, self.device)
         pos_sb = pos.t()
         mask = key_ok.unsqueeze(1)  # [b, 1, s, kv]
         for layer, (kc, vc) in zip(self.layers, caches):
@@ -271,7 +281,9 @@ class _Runner:
             residual = h
             out, bias = layer.mlp(layer.pre_mlp_layernorm(h))
             h = residual + (out + bias if bias is not None else out)
-        if self.final_norm is not None:
+        if not self.stages.last:
+            self.stages.to_next(h)
+        elif self.final_norm is not None:
             h = self.final_norm(h)
         return h
 
@@ -288,6 +300,36 @@ class _Runner:
                 )
             )
         return caches
+
+
+class _Stages:
+    """The sampler's pipeline hops: hidden states go stage to stage, and the last stage's
+    logits go back to every stage, which then all draw the same tokens (same seeds)."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.size = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        rank = ps.get_pipeline_model_parallel_rank() if self.size > 1 else 0
+        self.first, self.last = rank == 0, rank == self.size - 1
+        if self.size > 1:
+            self.group = ps.get_pipeline_model_parallel_group()
+            self.last_rank = ps.get_pipeline_model_parallel_last_rank()
+            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
+            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+
+    def from_previous(self, shape, dtype, device) -> torch.Tensor:
+        h = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(h, src=self.prev_rank)
+        return h
+
+    def to_next(self, h: torch.Tensor) -> None:
+        dist.send(h.contiguous(), dst=self.next_rank)
+
+    def from_last(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.broadcast(logits, src=self.last_rank, group=self.group)
+        return logits
 
 
 def _sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
