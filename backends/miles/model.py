@@ -71,8 +71,16 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
                      post_process=is_last_stage(), **gpt_kwargs)
     load_hf_weights(model, model_dir)
     model.requires_grad_(False)
+    if recompute == "full" and model.pre_process:
+        # A recomputed layer only gets gradients if its input requires them, and the frozen
+        # embedding's output does not: without this the adapters of every layer get none.
+        model.embedding.register_forward_hook(_inputs_require_grad)
     model.unpadded_vocab_size = vocab
     return model.to(device)
+
+
+def _inputs_require_grad(module, args, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
 
 
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
