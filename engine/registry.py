@@ -12,6 +12,11 @@ metadata). Paths are parsed strictly and a name can never leave that folder. Fol
 only ever swapped in whole; hidden folders (names starting with ".") are saves or deletions
 in progress and are never listed. Expired checkpoints are removed whenever checkpoints are
 looked up or listed.
+
+The checkpoint methods are synchronous and block on the filesystem; the REST handlers call
+them from worker threads, so two of them may run at once. They use only the folders (never
+the in-memory maps), and a checkpoint whose folder disappears while it is being read (deleted
+or expired by another call) is treated as gone.
 """
 from __future__ import annotations
 
@@ -307,7 +312,10 @@ class Registry:
     def update_checkpoint(self, p: TinkerPath, **changes: Any) -> CheckpointEntry:
         entry = self.checkpoint(p)
         entry.meta.update(changes)
-        write_meta(self.checkpoint_dir(p), entry.meta)
+        try:
+            write_meta(self.checkpoint_dir(p), entry.meta)
+        except FileNotFoundError:  # deleted meanwhile
+            raise LookupError(f"checkpoint {p} does not exist") from None
         return entry
 
     def set_checkpoint_ttl(self, p: TinkerPath, ttl_seconds: Any) -> CheckpointEntry:
@@ -338,9 +346,9 @@ class Registry:
     def _entry(p: TinkerPath, folder: Path) -> CheckpointEntry | None:
         try:
             meta = json.loads((folder / META_FILE).read_text())
-        except (OSError, ValueError):
+            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        except (OSError, ValueError):  # not a checkpoint, or removed while being read
             return None
-        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
         return CheckpointEntry(p, meta, size)
 
     def _expire(self, entry: CheckpointEntry, now: float) -> bool:
@@ -363,9 +371,10 @@ class Registry:
 
 
 def _visible(folder: Path) -> list[Path]:
-    if not folder.is_dir():
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _remove_folder(folder: Path) -> None:

@@ -7,6 +7,10 @@ file, or `archive.tar` holding both) and carries its own expiry and an HMAC over
 plain HTTP GET (urllib, curl) fetches it without an API key. `external_weights_urls` is what
 `tinker checkpoint download` uses; `archive` answers older SDKs' archive-URL call with a
 redirect to the tar.
+
+Registry methods that touch checkpoint folders (scans, metadata reads and writes, deletions,
+removal of expired checkpoints, tar archives) block, so these handlers run them in a worker
+thread (`asyncio.to_thread`), keeping the event loop free for other requests.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.messages import UserError
-from engine.registry import PEFT_FILES, CheckpointEntry, TinkerPath, TrainingRun, checkpoint_path
+from engine.registry import PEFT_FILES, CheckpointEntry, Registry, TinkerPath, TrainingRun, checkpoint_path
 from handlers.common import SIGNED_DOWNLOADS, error_response, json_body, state
 
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
@@ -55,8 +59,9 @@ def _checkpoint_json(entry: CheckpointEntry) -> dict[str, Any]:
     }
 
 
-def _run_json(request: web.Request, run: TrainingRun) -> dict[str, Any]:
-    checkpoints = state(request).registry.checkpoints(run.model_id)
+def _run_json(registry: Registry, run: TrainingRun) -> dict[str, Any]:
+    """The run with its last checkpoints (scans its checkpoint folders: call off the event loop)."""
+    checkpoints = registry.checkpoints(run.model_id)
 
     def last(kind: str) -> dict[str, Any] | None:
         found = [c for c in checkpoints if c.path.kind == kind]
@@ -98,49 +103,58 @@ def _path_of(request: web.Request) -> TinkerPath:
 # ---- training runs ---------------------------------------------------------------------------
 async def list_training_runs(request: web.Request) -> web.Response:
     limit, offset = _page(request, 20)
-    runs = sorted(state(request).registry.runs.values(), key=lambda r: r.created, reverse=True)
+    registry = state(request).registry
+    runs = sorted(registry.runs.values(), key=lambda r: r.created, reverse=True)
     page, cursor = _paged(runs, limit, offset)
-    return web.json_response({"training_runs": [_run_json(request, r) for r in page], "cursor": cursor})
+    listed = await asyncio.to_thread(lambda: [_run_json(registry, r) for r in page])
+    return web.json_response({"training_runs": listed, "cursor": cursor})
 
 
 async def get_training_run(request: web.Request) -> web.Response:
-    run = state(request).registry.training_run(request.match_info["run_id"])
-    return web.json_response(_run_json(request, run))
+    registry = state(request).registry
+    run = registry.training_run(request.match_info["run_id"])
+    return web.json_response(await asyncio.to_thread(_run_json, registry, run))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
 async def list_run_checkpoints(request: web.Request) -> web.Response:
     registry = state(request).registry
     run = registry.training_run(request.match_info["run_id"])
-    return web.json_response({"checkpoints": [_checkpoint_json(c) for c in registry.checkpoints(run.model_id)]})
+    checkpoints = await asyncio.to_thread(registry.checkpoints, run.model_id)
+    return web.json_response({"checkpoints": [_checkpoint_json(c) for c in checkpoints]})
 
 
 async def list_checkpoints(request: web.Request) -> web.Response:
     """Every checkpoint on this server, newest first."""
     limit, offset = _page(request, 100)
-    page, cursor = _paged(state(request).registry.checkpoints()[::-1], limit, offset)
+    checkpoints = await asyncio.to_thread(state(request).registry.checkpoints)
+    page, cursor = _paged(checkpoints[::-1], limit, offset)
     return web.json_response({"checkpoints": [_checkpoint_json(c) for c in page], "cursor": cursor})
 
 
 async def delete_checkpoint(request: web.Request) -> web.Response:
-    state(request).registry.delete_checkpoint(_path_of(request))
+    await asyncio.to_thread(state(request).registry.delete_checkpoint, _path_of(request))
     return web.json_response({})
 
 
 async def publish_checkpoint(request: web.Request) -> web.Response:
-    return _set_public(request, True)
+    return await _set_public(request, True)
 
 
 async def unpublish_checkpoint(request: web.Request) -> web.Response:
-    return _set_public(request, False)
+    return await _set_public(request, False)
 
 
-def _set_public(request: web.Request, public: bool) -> web.Response:
+async def _set_public(request: web.Request, public: bool) -> web.Response:
     # Not 409 (the hosted service's answer): the SDK retries a 409 for five minutes.
     registry, path = state(request).registry, _path_of(request)
-    if bool(registry.checkpoint(path).meta.get("public")) == public:
-        raise UserError(f"checkpoint {path} is already {'public' if public else 'private'}")
-    registry.update_checkpoint(path, public=public)
+
+    def change() -> None:
+        if bool(registry.checkpoint(path).meta.get("public")) == public:
+            raise UserError(f"checkpoint {path} is already {'public' if public else 'private'}")
+        registry.update_checkpoint(path, public=public)
+
+    await asyncio.to_thread(change)
     return web.json_response({})
 
 
@@ -148,7 +162,7 @@ async def set_checkpoint_ttl(request: web.Request) -> web.Response:
     body = await json_body(request)
     if "ttl_seconds" not in body:
         raise UserError("missing field 'ttl_seconds' (a number of seconds, or null to never expire)")
-    state(request).registry.set_checkpoint_ttl(_path_of(request), body["ttl_seconds"])
+    await asyncio.to_thread(state(request).registry.set_checkpoint_ttl, _path_of(request), body["ttl_seconds"])
     return web.json_response({})
 
 
@@ -167,7 +181,7 @@ def _signed_url(request: web.Request, path: TinkerPath, file: str, expires: int)
 async def external_weights_urls(request: web.Request) -> web.Response:
     """Signed URLs of the checkpoint's PEFT files (adapter weights and adapter_config.json)."""
     path = _path_of(request)
-    state(request).registry.checkpoint(path)
+    await asyncio.to_thread(state(request).registry.checkpoint, path)
     expires = int(time.time()) + SIGNED_URL_SECONDS
     return web.json_response({"urls": {f: _signed_url(request, path, f, expires) for f in PEFT_FILES},
                               "expires": _iso(expires)})
@@ -176,7 +190,7 @@ async def external_weights_urls(request: web.Request) -> web.Response:
 async def checkpoint_archive(request: web.Request) -> web.Response:
     """A redirect to a signed URL of a tar of the checkpoint's PEFT files."""
     path = _path_of(request)
-    state(request).registry.checkpoint(path)
+    await asyncio.to_thread(state(request).registry.checkpoint, path)
     expires = int(time.time()) + SIGNED_URL_SECONDS
     url = _signed_url(request, path, ARCHIVE_FILE, expires)
     return web.json_response({"url": url, "expires": _iso(expires)}, status=302,
@@ -199,11 +213,12 @@ async def signed_download(request: web.Request) -> web.StreamResponse:
         return error_response(403, "the download URL's signature is not valid")
     if expires < time.time():
         return error_response(403, "the download URL has expired; ask for a new one")
-    entry = state(request).registry.checkpoint(path)
-    folder = state(request).registry.checkpoint_dir(entry.path)
+    registry = state(request).registry
+    entry = await asyncio.to_thread(registry.checkpoint, path)
+    folder = registry.checkpoint_dir(entry.path)
     if file != ARCHIVE_FILE:
         return web.FileResponse(folder / file)
-    body = await asyncio.get_running_loop().run_in_executor(None, _tar_of, folder)
+    body = await asyncio.to_thread(_tar_of, folder)
     name = f"{path.run_id}_{path.kind}_{path.name}.tar".replace(":", "_")
     return web.Response(body=body, content_type="application/x-tar",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})

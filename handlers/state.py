@@ -1,17 +1,29 @@
-"""Typed application state shared by the handlers (one `web.AppKey`)."""
+"""Typed application state shared by the handlers (one `web.AppKey`), and the bounded maps and
+the custom-loss store it holds."""
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import re
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from backends.common.custom_loss import CustomLoss
 from engine.config import Config
 from engine.futures import FutureStore
+from engine.messages import UserError
 from engine.pool import WorkerPool
 from engine.registry import Registry
 from engine.scheduler import Scheduler
+
+MAX_LOADED_LOSSES = 4096
+LOSS_ID = re.compile(r"loss-[0-9a-f]{32}")
 
 
 class BoundedDict(OrderedDict):
@@ -27,6 +39,85 @@ class BoundedDict(OrderedDict):
             self.popitem(last=False)
 
 
+class LruDict(BoundedDict):
+    """A BoundedDict that forgets its least recently used entries: reading or writing an entry
+    makes it the newest."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+
+
+@dataclass(frozen=True)
+class StoredLoss:
+    session_id: str  # the session that created it; only that session may use it
+    loss: CustomLoss
+
+
+class CustomLossStore:
+    """Uploaded custom losses by loss_id, each written to `<folder>/<loss_id>.json` when it is
+    created, so an id a client holds still works after a server restart.
+
+    The most recently used losses are kept parsed in memory (an LRU); one that is not is read
+    back from its file when a request names it, and checked against the allow-lists again.
+    """
+
+    def __init__(self, folder: Path, limit: int = MAX_LOADED_LOSSES) -> None:
+        self.folder = folder
+        self._loaded: LruDict = LruDict(limit)  # loss_id -> StoredLoss
+
+    async def add(self, session_id: str, loss: CustomLoss) -> str:
+        """Store `loss` for `session_id` (the file is written off the event loop); its new loss_id."""
+        loss_id = f"loss-{uuid.uuid4().hex}"
+        await asyncio.to_thread(self._write, loss_id, {"session_id": session_id, **loss.wire})
+        self._loaded[loss_id] = StoredLoss(session_id, loss)
+        return loss_id
+
+    def find(self, loss_id: str, session_id: str) -> CustomLoss:
+        """The loss `loss_id`, if the session `session_id` created it; else UserError."""
+        stored = self._loaded.get(loss_id) or self._read(loss_id)
+        if stored is None:
+            raise UserError(f"unknown custom loss_id {loss_id!r} (create it with create_custom_loss on this server)")
+        if stored.session_id != session_id:
+            raise UserError(f"custom loss {loss_id!r} belongs to another session; create it in this one")
+        return stored.loss
+
+    def _file(self, loss_id: str) -> Path:
+        return self.folder / f"{loss_id}.json"
+
+    def _write(self, loss_id: str, record: dict[str, Any]) -> None:
+        """Write the file in one step: a reader finds the whole record or none."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{loss_id}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self._file(loss_id))
+
+    def _read(self, loss_id: str) -> StoredLoss | None:
+        """The stored loss from its file (parsed again), or None if there is no such loss."""
+        if not LOSS_ID.fullmatch(loss_id):  # also keeps the name inside the folder
+            return None
+        try:
+            record = json.loads(self._file(loss_id).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise UserError(f"custom loss {loss_id!r} could not be read back ({type(e).__name__}); "
+                            "create it again") from None
+        if not isinstance(record, dict) or not isinstance(record.get("session_id"), str):
+            raise UserError(f"custom loss {loss_id!r} could not be read back (malformed record); create it again")
+        stored = StoredLoss(record["session_id"], CustomLoss.from_wire(record))
+        self._loaded[loss_id] = stored
+        return stored
+
+
 @dataclass
 class ServerState:
     config: Config
@@ -39,6 +130,11 @@ class ServerState:
     idempotent: BoundedDict = field(default_factory=BoundedDict)
     # (sampling_session_id, seq_id) -> the asample handle first given for it
     sample_handles: BoundedDict = field(default_factory=BoundedDict)
+    # uploaded custom losses, under <data_dir>/custom_losses
+    custom_losses: CustomLossStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.custom_losses = CustomLossStore(Path(self.config.data_dir).resolve() / "custom_losses")
 
     def model_info(self, base_model: str) -> dict[str, Any]:
         info = self.models.get(base_model)

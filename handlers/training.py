@@ -86,7 +86,8 @@ async def forward_backward(request: web.Request) -> web.Response:
 
         def build():
             fb = forward_backward_from_message(msg)
-            batch, config = validate_forward_backward(fb, st.model_info(run.base_model), run.session_id)
+            batch, config = validate_forward_backward(fb, st.model_info(run.base_model), run.session_id,
+                                                      st.custom_losses)
             return {"model_id": run.model_id, "batch": batch, "loss_fn": fb.loss_fn,
                     "loss_fn_config": config, "forward_only": fb.forward_only}, _encode_forward_backward
 

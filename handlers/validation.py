@@ -19,7 +19,7 @@ from backends.common.losses import LOSSES, LossSpec
 from engine.batch import pack_datums
 from engine.messages import UserError
 from handlers.codec import DatumIn, ForwardBackwardIn
-from handlers.custom_loss import find_loss
+from handlers.state import CustomLossStore
 
 SUPPORTED = (*LOSSES, "custom")
 UNSUPPORTED = {
@@ -36,8 +36,8 @@ def check_tokens(tokens: np.ndarray, vocab_size: int, where: str) -> None:
                         f"is outside the vocabulary (ids 0..{vocab_size - 1})")
 
 
-def validate_forward_backward(fb: ForwardBackwardIn, info: dict[str, Any],
-                              session_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def validate_forward_backward(fb: ForwardBackwardIn, info: dict[str, Any], session_id: str,
+                              custom_losses: CustomLossStore) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the packed batch for the workers, the resolved loss_fn_config), or UserError saying what is wrong."""
     if fb.loss_fn in UNSUPPORTED:
         raise UserError(f"loss_fn {fb.loss_fn!r} is not supported: {UNSUPPORTED[fb.loss_fn]}. "
@@ -47,7 +47,7 @@ def validate_forward_backward(fb: ForwardBackwardIn, info: dict[str, Any],
     if not fb.data:
         raise UserError("forward_backward needs at least one datum")
     if fb.loss_fn == "custom":
-        return _custom_batch(fb, info, _custom_loss(fb.loss_fn_config, session_id))
+        return _custom_batch(fb, info, _custom_loss(fb.loss_fn_config, session_id, custom_losses))
     spec = LOSSES[fb.loss_fn]
     config = _builtin_config(fb.loss_fn, spec, fb.loss_fn_config)
     inputs = [_builtin_inputs(i, d, info, fb.loss_fn, spec) for i, d in enumerate(fb.data)]
@@ -77,11 +77,11 @@ def _builtin_config(loss_fn: str, spec: LossSpec, raw: dict[str, float | str]) -
     return config
 
 
-def _custom_loss(raw: dict[str, float | str], session_id: str) -> CustomLoss:
+def _custom_loss(raw: dict[str, float | str], session_id: str, custom_losses: CustomLossStore) -> CustomLoss:
     if set(raw) != {"loss_id"} or not isinstance(raw["loss_id"], str):
         raise UserError(f"loss_fn 'custom' needs loss_fn_config {{'loss_id': <text from create_custom_loss>}} "
                         f"and nothing else, got {raw}")
-    return find_loss(raw["loss_id"], session_id)
+    return custom_losses.find(raw["loss_id"], session_id)
 
 
 # ---- datums --------------------------------------------------------------------------------

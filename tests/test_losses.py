@@ -1,8 +1,13 @@
 """Unit tests of the pure loss code: every built-in loss against an independent float64
 implementation of the documented formula (value and gradient w.r.t. the logprobs), the
-request checks that guard them, and the allow-list interpreter behind server-side custom
-losses."""
+request checks that guard them, the allow-list interpreter behind server-side custom
+losses (and its element cap, checked before anything is allocated), and the store that keeps
+uploaded losses on disk."""
 from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,7 @@ from backends.common.custom_loss import CustomLoss
 from backends.common.losses import LOSSES, compute_loss
 from engine.messages import UserError
 from handlers.codec import DatumIn, ForwardBackwardIn, decode_forward_backward
+from handlers.state import CustomLossStore, LruDict
 from handlers.validation import validate_forward_backward
 
 N = 64
@@ -124,6 +130,7 @@ def test_top_k_cross_entropy_sums_over_positions_and_candidates():
 
 # ---- request checks ------------------------------------------------------------------------------
 INFO = {"vocab_size": 100, "max_context": 64}
+NO_LOSSES = CustomLossStore(Path(__file__).parent / "no-such-folder")  # requests here name no stored loss
 
 
 def fb(loss_fn, config=None, **inputs) -> ForwardBackwardIn:
@@ -153,19 +160,20 @@ RL = {"target_tokens": [1, 2, 3, 4], "logprobs": [-1.0] * 4, "advantages": [1.0]
 ])
 def test_bad_requests_are_refused_with_a_message_naming_the_problem(request_, message):
     with pytest.raises(UserError) as e:
-        validate_forward_backward(request_, INFO, "s")
+        validate_forward_backward(request_, INFO, "s", NO_LOSSES)
     assert message in str(e.value)
 
 
 def test_stable_reinforce_refusal_lists_the_supported_losses():
     with pytest.raises(UserError) as e:
-        validate_forward_backward(fb("stable_reinforce", **RL), INFO, "s")
+        validate_forward_backward(fb("stable_reinforce", **RL), INFO, "s", NO_LOSSES)
     for name in ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "custom"):
         assert f"'{name}'" in str(e.value)
 
 
 def test_a_valid_request_gets_the_defaults_filled_in():
-    _, config = validate_forward_backward(fb("cispo", {"clip_high_threshold": 2.0}, **RL), INFO, "s")
+    _, config = validate_forward_backward(fb("cispo", {"clip_high_threshold": 2.0}, **RL), INFO, "s",
+                                          NO_LOSSES)
     assert config == {"clip_low_threshold": 0.0, "clip_high_threshold": 2.0}
 
 
@@ -238,7 +246,7 @@ def test_runtime_problems_are_user_errors_naming_the_node():
         not_scalar.run([torch.zeros(4)], [{}])
     blow_up = CustomLoss.parse("big", [{"name": "logprobs", "rank": 1}], graph(
         ("call_method", "b", "expand", [*LP_REF, 1 << 13, 1 << 12], {}), ("call_method", "a", "sum", [{"ref": "b"}], {})))
-    with pytest.raises(UserError, match=r"node 'b' \(expand\) made a tensor of 33554432 elements"):
+    with pytest.raises(UserError, match=r"node 'b' \(expand\) would make 33554432 tensor elements"):
         blow_up.run([torch.zeros(1 << 12)], [{}])
     bad_index = CustomLoss.parse("idx", [{"name": "logprobs", "rank": 1}], graph(
         ("call_function", "b", "operator.getitem", [*LP_REF, 10], {}), ("call_method", "a", "sum", [{"ref": "b"}], {})))
@@ -252,16 +260,99 @@ def test_runtime_problems_are_user_errors_naming_the_node():
             huge.run([torch.zeros(3)], [{}])
 
 
-def test_a_scalar_input_sent_by_the_sdk_reaches_a_custom_loss_as_a_scalar(monkeypatch):
+def test_a_scalar_input_sent_by_the_sdk_reaches_a_custom_loss_as_a_scalar(tmp_path):
     loss = uploaded(weighted_nll, {"logprobs": 1, "weights": 1, "scale": 0})
-    monkeypatch.setattr("handlers.validation.find_loss", lambda loss_id, session: loss if session == "s" else None)
+    store = CustomLossStore(tmp_path)
+    loss_id = asyncio.run(store.add("s", loss))
     datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
                         loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 0.0, 1.0],
                                         "scale": types.TensorData(data=[2.0], dtype="float32", shape=[])})
     wire = forward_backward_request_to_proto(types.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="custom", loss_fn_config={"loss_id": "x"}),
+        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="custom",
+                                                          loss_fn_config={"loss_id": loss_id}),
         model_id="s:train:0", seq_id=1))
-    batch, config = validate_forward_backward(decode_forward_backward(wire.SerializeToString(), None), INFO, "s")
+    batch, config = validate_forward_backward(decode_forward_backward(wire.SerializeToString(), None), INFO, "s", store)
     assert config == loss.wire
     assert batch["datum_inputs"][0]["scale"].shape == ()
     assert set(batch["inputs"]) == {"target_tokens"}
+
+
+# ---- the element cap, checked before a node allocates ------------------------------------------------
+def test_a_node_that_would_make_a_huge_tensor_is_refused_before_it_allocates():
+    def outer(logprobs):
+        wide = logprobs.sum().expand(1 << 20)  # a view of 2**20 elements: under the cap, allocates nothing
+        return (wide.reshape(-1, 1) * wide.reshape(1, -1)).sum(), {}
+
+    loss = uploaded(outer, {"logprobs": 1})
+    # 2**40 float32 elements (4 TiB): had the product been allocated, it would have failed with a
+    # RuntimeError from the allocator (or taken the machine's memory), not with this message.
+    with pytest.raises(UserError, match=r"node 'mul' \(operator.mul\) would make 1099511627776 tensor elements "
+                                        r"on datum 0; the limit is 16777216"):
+        loss.run([torch.zeros(3)], [{}])
+
+
+def selections(logprobs, mask):
+    picked = logprobs[mask > 0].sum() + logprobs.masked_select(mask > 0).sum()
+    where = torch.where(mask > 0)[0]
+    return -picked, {"custom/picked:sum": where.float().sum()}
+
+
+def test_data_dependent_selections_are_sized_at_their_largest():
+    loss = uploaded(selections, {"logprobs": 1, "mask": 1})
+    lp, mask = torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    total, metrics = loss.run([lp], [{"mask": mask}])
+    assert float(total) == 8.0 and metrics == {"custom/picked:sum": 2.0}
+
+    n = 1 << 13  # a row mask against a column: up to n * n = 2**26 elements, over the cap of 2**24
+    cross = CustomLoss.parse("cross", [{"name": "logprobs", "rank": 1}], graph(
+        ("call_method", "col", "reshape", [*LP_REF, -1, 1], {}),
+        ("call_method", "row", "reshape", [*LP_REF, 1, -1], {}),
+        ("call_function", "mask", "operator.gt", [{"ref": "row"}, 0.0], {}),
+        ("call_method", "b", "masked_select", [{"ref": "col"}, {"ref": "mask"}], {}),
+        ("call_method", "a", "sum", [{"ref": "b"}], {})))
+    with pytest.raises(UserError, match=r"node 'b' \(masked_select\) would make 67108864 tensor elements"):
+        cross.run([torch.full((n,), -1.0)], [{}])  # refused although this mask selects nothing
+
+
+# ---- the store of uploaded losses ----------------------------------------------------------------------
+def test_uploaded_losses_are_kept_on_disk_and_found_again_by_a_new_store(tmp_path):
+    loss = uploaded(weighted_nll, {"logprobs": 1, "weights": 1, "scale": 0})
+    loss_id = asyncio.run(CustomLossStore(tmp_path).add("s", loss))
+    assert [p.name for p in tmp_path.iterdir()] == [f"{loss_id}.json"]  # written in one step: no temp file left
+
+    restarted = CustomLossStore(tmp_path)  # what a restarted server has: nothing in memory
+    found = restarted.find(loss_id, "s")
+    lp, datum = torch.tensor([-0.5, -4.0, -1.0]), {"weights": torch.tensor([1.0, 2.0, 0.5]), "scale": torch.tensor(2.0)}
+    assert float(found.run([lp], [datum])[0]) == float(loss.run([lp], [datum])[0])
+    assert restarted.find(loss_id, "s") is found  # read from disk once, then kept in memory
+    with pytest.raises(UserError, match="belongs to another session"):
+        restarted.find(loss_id, "other")
+    for unknown in ("loss-" + "0" * 32, "../" + loss_id, str(tmp_path / loss_id)):
+        with pytest.raises(UserError, match="unknown custom loss_id"):
+            restarted.find(unknown, "s")
+
+
+def test_a_stored_loss_is_checked_against_the_allow_lists_again_when_read_back(tmp_path):
+    loss_id = asyncio.run(CustomLossStore(tmp_path).add("s", uploaded(weighted_nll, {"logprobs": 1, "weights": 1,
+                                                                                      "scale": 0})))
+    file = tmp_path / f"{loss_id}.json"
+    record = json.loads(file.read_text())
+    record["graph"]["nodes"][1] = {"op": "call_function", "name": "x", "target": "os.system", "args": ["true"],
+                                   "kwargs": {}}
+    file.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="'os.system'"):
+        CustomLossStore(tmp_path).find(loss_id, "s")
+    file.write_text("{not json")
+    with pytest.raises(UserError, match="could not be read back"):
+        CustomLossStore(tmp_path).find(loss_id, "s")
+
+
+def test_the_in_memory_losses_forget_the_least_recently_used_first():
+    recent = LruDict(2)
+    recent["a"], recent["b"] = 1, 2
+    assert recent["a"] == 1  # reading "a" makes "b" the least recently used
+    recent["c"] = 3
+    assert list(recent) == ["a", "c"]
+    assert recent.get("a") == 1 and recent.get("b") is None
+    recent["d"] = 4
+    assert list(recent) == ["a", "d"]

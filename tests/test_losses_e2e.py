@@ -3,7 +3,8 @@
 Each built-in loss's `loss:sum` is recomputed in float64 from the logprobs the server
 returned and the inputs sent; top-K cross-entropy travels as sparse CSR; custom losses run
 both client-side (the SDK's surrogate) and server-side (`create_custom_loss`), and each
-takes the same gradient step as the equivalent built-in loss.
+takes the same gradient step as the equivalent built-in loss. An uploaded loss keeps its id
+across a server restart, and one that would allocate a huge tensor is refused before it does.
 """
 from __future__ import annotations
 
@@ -227,6 +228,55 @@ def test_bad_losses_fail_alone_with_a_clear_user_error(server, client, sft_data,
     assert failure["category"] == "user" and "'os.system'" in failure["error"]
 
     assert tc.forward(sft_data, "cross_entropy").result().metrics["loss:sum"] > 0  # the client keeps working
+
+
+def masked_nll(logprobs, weights):
+    loss = -(logprobs * weights).sum()
+    return loss, {"custom/nll:sum": loss, "custom/tokens:mean": (weights > 0).float().sum()}
+
+
+def test_an_uploaded_loss_id_still_works_after_a_server_restart(tiny_models, tmp_path, sft_data):
+    data_dir = tmp_path / "data"
+    first = ServerProcess(data_dir, {QWEN: tiny_models[QWEN]}, log_name="first.log").start()
+    try:
+        client = tinker.ServiceClient(base_url=first.url, api_key=API_KEY)
+        handle = client.create_custom_loss(masked_nll, {"logprobs": 1, "weights": 1}).result()
+        tc = client.create_lora_training_client(QWEN, rank=4, seed=3).result()
+        before = tc.forward_backward_custom(sft_data, handle).result().metrics
+    finally:
+        first.stop()
+    assert (data_dir / "custom_losses" / f"{handle.loss_id}.json").is_file()
+
+    # Same data dir and port: the client, its session and its loss handle carry on.
+    second = ServerProcess(data_dir, {QWEN: tiny_models[QWEN]}, log_name="second.log")
+    second.port, second.url = first.port, first.url
+    second.start()
+    try:
+        tc = client.create_lora_training_client(QWEN, rank=4, seed=3).result()
+        after = tc.forward_backward_custom(sft_data, handle).result().metrics
+        assert before["loss:sum"] > 0 and before["custom/tokens:mean"] > 0
+        assert after == pytest.approx(before, rel=1e-6)
+        other = tinker.ServiceClient(base_url=second.url, api_key=API_KEY).create_lora_training_client(
+            QWEN, rank=4, seed=3).result()
+        with pytest.raises(tinker.RequestFailedError, match="belongs to another session"):
+            other.forward_backward(sft_data, "custom", {"loss_id": handle.loss_id}).result()
+    finally:
+        second.stop()
+
+
+def outer_product(logprobs):
+    wide = logprobs.sum().expand(1 << 20)  # a view: 2**20 elements, allocates nothing
+    return (wide.reshape(-1, 1) * wide.reshape(1, -1)).sum(), {}  # would be 2**40 elements (4 TiB)
+
+
+def test_a_loss_that_would_allocate_a_huge_tensor_is_refused_before_it_does(client, sft_data):
+    handle = client.create_custom_loss(outer_product, {"logprobs": 1}).result()
+    tc = client.create_lora_training_client(QWEN, rank=4, seed=3).result()
+    with pytest.raises(tinker.RequestFailedError) as e:
+        tc.forward_backward_custom(sft_data, handle).result()
+    assert e.value.category == types.RequestErrorCategory.User
+    assert "node 'mul' (operator.mul) would make 1099511627776 tensor elements on datum 0" in str(e.value)
+    assert tc.forward_backward(sft_data, "cross_entropy").result().metrics["loss:sum"] > 0  # the server carries on
 
 
 @pytest.fixture(scope="module")

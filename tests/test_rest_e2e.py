@@ -2,6 +2,7 @@
 
 Runs, checkpoints and sessions are listed; checkpoints are published, given a TTL (and
 expire), deleted and downloaded as PEFT files from signed URLs this server serves itself.
+Listings and deletions run in worker threads, so they may overlap; each still answers whole.
 """
 from __future__ import annotations
 
@@ -213,3 +214,24 @@ def test_bad_rest_requests_get_clear_errors(service_client, server):
     # Nothing was lost: the checkpoint and the run are still there and the run still trains.
     assert raw.http.get(f"{runs}/{tc.model_id}/checkpoints").json()["checkpoints"][0]["checkpoint_id"] == "weights/kept"
     assert tc.forward_backward(DATA, "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_listings_and_deletions_that_overlap_all_answer_whole(service_client, server):
+    tc = trained_run(service_client)
+    paths = [tc.save_weights_for_sampler(f"overlap-{i}").result().path for i in range(4)]
+    raw = RawClient(server.url)
+    runs = "/api/v1/training_runs"
+    listings = [f"{runs}/{tc.model_id}/checkpoints", "/api/v1/checkpoints?limit=10000", f"{runs}?limit=10000",
+                f"{runs}/{tc.model_id}"] * 3
+    deletions = [f"{runs}/{tc.model_id}/checkpoints/sampler_weights/{p.rsplit('/', 1)[1]}" for p in paths]
+    with ThreadPoolExecutor(8) as pool:
+        deleted = [pool.submit(raw.http.delete, url) for url in deletions]
+        listed = [pool.submit(raw.http.get, url) for url in listings]
+        deleted, listed = [f.result() for f in deleted], [f.result() for f in listed]
+    assert [r.status_code for r in deleted] == [200] * len(paths), [r.text for r in deleted]
+    assert [r.status_code for r in listed] == [200] * len(listings), [r.text for r in listed]
+    for r in listed[:1] + listed[4:5] + listed[8:9]:  # this run's checkpoints: some or none of them, never others
+        assert {c["tinker_path"] for c in r.json()["checkpoints"]} <= set(paths)
+    assert all(r.json()["training_run_id"] == tc.model_id for r in listed[3::4])
+    assert raw.http.get(listings[0]).json() == {"checkpoints": []}
+    assert not any(folder_of(server, p).exists() for p in paths)

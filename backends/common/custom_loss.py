@@ -11,6 +11,13 @@ graph is then evaluated by a small interpreter, never compiled or imported.
 `run` evaluates it once per datum (that datum's logprobs, then the inputs it names), sums the
 losses and reduces metrics by suffix (`:sum` adds, `:mean` averages over datums), as the SDK's
 client-side runner does. The workers receive the loss as its wire form and parse it again.
+
+No node may make tensors of more elements than a cap (`MIN_ELEMENT_CAP`, or 16x the datum's
+logprobs). Each call is sized before it runs, by running it first on "meta" tensors (shapes,
+strides and dtypes, no data), so a graph that asks for a huge tensor is refused before anything
+is allocated; a call that fails there is refused with that error and never run for real.
+Selections whose size depends on the data (boolean masks, `masked_select`, one-argument `where`)
+are sized at their largest, as if every mask were all True.
 """
 from __future__ import annotations
 
@@ -112,6 +119,33 @@ class Step:
             args = _modest_numbers(self.target, args)
         return FUNCTIONS[self.target](*args, **kwargs)
 
+    def elements_made(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        """How many tensor elements the call would make, found without allocating them: the call
+        runs on meta copies of its tensors, and raises there what it would raise for real. A call
+        that takes no tensor makes none, or only from values written in the request."""
+        if not _has_tensor((args, kwargs)):
+            return 0
+        meta_args, meta_kwargs = _on_meta(args), _on_meta(kwargs)
+        with torch.no_grad():
+            try:
+                return _elements(self.call(meta_args, meta_kwargs))
+            except NotImplementedError:  # no meta kernel: the result's size depends on the data
+                return self._largest_selection(meta_args, meta_kwargs)
+
+    def _largest_selection(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        """Elements of a data-dependent selection at its largest (every mask all True)."""
+        function = FUNCTIONS.get(self.target) if self.op == "call_function" else None
+        if function is operator.getitem and len(args) == 2 and isinstance(args[0], Tensor):
+            return _elements(args[0][_all_true_index(args[1])])
+        if self.op == "call_method" and self.target == "masked_select":
+            mask = args[1] if len(args) > 1 else kwargs.get("mask")
+            if isinstance(mask, Tensor):
+                return math.prod(torch.broadcast_shapes(args[0].shape, mask.shape))
+        if function is torch.where and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            return max(1, args[0].ndim) * args[0].numel()  # one index tensor per dimension
+        raise TypeError("the size of its result cannot be known before it runs; custom losses may select with "
+                        "boolean masks only by indexing, masked_select or one-argument torch.where")
+
 
 # operator functions that, on plain Python values, could build huge ints or sequences
 PYTHON_ARITHMETIC = frozenset(f"operator.{n}" for n in "add sub mul truediv floordiv mod pow neg pos abs".split())
@@ -172,13 +206,17 @@ class CustomLoss:
         device, cap = values[0].device, max(MIN_ELEMENT_CAP, 16 * values[0].numel())
         for step in self.steps:
             try:
-                value = step.call(_resolve(step.args, env, device), _resolve(step.kwargs, env, device))
+                args, kwargs = _resolve(step.args, env, device), _resolve(step.kwargs, env, device)
+                elements = step.elements_made(args, kwargs)
+                if elements > cap:
+                    raise UserError(f"custom loss {self.name!r}: node {step.name!r} ({step.target}) would make "
+                                    f"{elements} tensor elements on datum {datum}; the limit is {cap}")
+                value = step.call(args, kwargs)
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure of the user's graph is the user's error
                 raise UserError(f"custom loss {self.name!r}: node {step.name!r} ({step.target}) failed on "
                                 f"datum {datum}: {type(e).__name__}: {e}") from None
-            if isinstance(value, Tensor) and value.numel() > cap:
-                raise UserError(f"custom loss {self.name!r}: node {step.name!r} ({step.target}) made a tensor of "
-                                f"{value.numel()} elements on datum {datum}; the limit is {cap}")
             env[step.name] = value
         loss = env[self.loss.name]
         if not isinstance(loss, Tensor) or loss.ndim != 0 or not loss.is_floating_point():
@@ -345,6 +383,60 @@ def _resolve(arg: Any, env: dict[str, Any], device: torch.device) -> Any:
     if isinstance(arg, slice):
         return slice(_resolve(arg.start, env, device), _resolve(arg.stop, env, device), _resolve(arg.step, env, device))
     return arg
+
+
+def _has_tensor(arg: Any) -> bool:
+    if isinstance(arg, Tensor):
+        return True
+    if isinstance(arg, (list, tuple)):
+        return any(_has_tensor(a) for a in arg)
+    if isinstance(arg, dict):
+        return any(_has_tensor(a) for a in arg.values())
+    return False
+
+
+META = torch.device("meta")
+
+
+def _on_meta(arg: Any) -> Any:
+    """`arg` with every tensor replaced by a meta tensor of the same shape, strides and dtype, and
+    every device by the meta device: what a call can be sized with, allocating nothing."""
+    if isinstance(arg, Tensor):
+        return torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype, device=META)
+    if isinstance(arg, torch.device):
+        return META
+    if isinstance(arg, (list, tuple)) and not isinstance(arg, torch.Size):
+        return type(arg)(_on_meta(a) for a in arg)
+    if isinstance(arg, dict):
+        return {k: _on_meta(v) for k, v in arg.items()}
+    if isinstance(arg, slice):
+        return slice(_on_meta(arg.start), _on_meta(arg.stop), _on_meta(arg.step))
+    return arg
+
+
+def _elements(value: Any) -> int:
+    """Tensor elements in a call's result (a tensor, or tensors in a tuple such as topk's)."""
+    if isinstance(value, Tensor):
+        return value.numel()
+    if isinstance(value, (list, tuple)):
+        return sum(_elements(v) for v in value)
+    return 0
+
+
+def _all_true_index(index: Any) -> Any:
+    """A getitem index with each boolean mask replaced by the integer indexes an all-True mask of
+    its shape selects (its largest selection), so the result can be sized on meta."""
+    parts = index if isinstance(index, tuple) else (index,)
+    replaced: list[Any] = []
+    for part in parts:
+        if isinstance(part, Tensor) and part.dtype == torch.bool:
+            if part.ndim == 0:
+                replaced.append(None)  # a scalar True adds a dimension of size 1
+            else:
+                replaced.extend([torch.empty(part.numel(), dtype=torch.int64, device=META)] * part.ndim)
+        else:
+            replaced.append(part)
+    return tuple(replaced)
 
 
 def _metric_value(loss_name: str, key: str, value: Any, datum: int) -> float:
