@@ -167,6 +167,8 @@ class MilesBackend(TrainingBackend):
         for layout in packing.pack(lengths, budget):
             tok, tgt, mask = layout.inputs([tokens[i] for i in layout.datums],
                                            [inputs[i]["target_tokens"] for i in layout.datums], self.device)
+            if layout.rows == len(layout.datums):  # one datum per row: plain causal, the fastest kernels
+                mask = None
             micro.append(MicroBatch(layout, tok, tgt, mask))
         return micro
 

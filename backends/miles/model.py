@@ -20,6 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
+from backends.miles.attention import SdpaAttention
 from backends.miles.hf_checkpoint import load_hf_weights, read_hf_config, transformer_config_from_hf
 from backends.miles.parallel import is_first_stage, is_last_stage, pp_size, tp_rank, tp_size
 
@@ -67,6 +68,7 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     vocab = gpt_kwargs.pop("vocab_size")
     padded_vocab = -(-vocab // tp_size()) * tp_size()
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SdpaAttention
     model = GPTModel(config, spec, vocab_size=padded_vocab, pre_process=is_first_stage(),
                      post_process=is_last_stage(), **gpt_kwargs)
     load_hf_weights(model, model_dir)
@@ -83,11 +85,6 @@ def _inputs_require_grad(module, args, output: torch.Tensor) -> torch.Tensor:
     return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
 
 
-def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
-    """mcore's attention mask for plain causal attention: [1, 1, s, s] bool, True = masked."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
-
-
 def token_logprobs(model: GPTModel, tokens: torch.Tensor, targets: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log p(targets[b, t] | tokens[b, :t+1]) as float32 [b, s]; differentiable; exact under TP.
@@ -102,11 +99,10 @@ def token_logprobs(model: GPTModel, tokens: torch.Tensor, targets: torch.Tensor,
 
 def forward(model: GPTModel, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The model on token rows [b, s]: logits [b, s, vocab / tp] from the last pipeline stage,
-    hidden states [s, b, hidden] from the others (whose input comes from `set_input_tensor`)."""
+    hidden states [s, b, hidden] from the others (whose input comes from `set_input_tensor`).
+    No `attention_mask`: plain causal attention."""
     batch, seq_len = tokens.shape
     position_ids = torch.arange(seq_len, device=tokens.device).expand(batch, seq_len)
-    if attention_mask is None:
-        attention_mask = causal_mask(seq_len, tokens.device)
     return model(tokens, position_ids, attention_mask)
 
 

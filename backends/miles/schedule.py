@@ -33,7 +33,8 @@ class MicroBatch:
     layout: packing.MicroBatch  # which datums sit where; `layout.datums` is their order below
     tokens: torch.Tensor  # [rows, width] token ids
     targets: torch.Tensor  # [rows, width] or [rows, width, K]
-    attention_mask: torch.Tensor  # [rows, 1, width, width], True = masked (block-diagonal causal)
+    attention_mask: torch.Tensor | None  # [rows, 1, width, width], True = masked (block-diagonal causal);
+    # None: plain causal (every row holds one datum)
 
     @property
     def datums(self) -> list[int]:
