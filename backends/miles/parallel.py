@@ -1,20 +1,24 @@
 """Parallel layout of the worker processes, set up in one place.
 
-The workers form a TP x DP grid: `ParallelDims(tp, dp)`, world = tp * dp. `for_workers`
-is the one place the layout is chosen (`--tp` / TINKERCLOUD_TP; dp = workers // tp); the
-server calls it at start-up, so a layout that does not fit fails before any worker starts.
+The workers form a TP x PP x DP grid: `ParallelDims(tp, dp, pp)`, world = tp * pp * dp.
+`ParallelDims.for_workers` is the one place the layout is chosen (`--tp` / `--pp`, or from
+the checkpoint size and GPU memory when unset); the server calls it at start-up, so a layout
+that does not fit fails before any worker starts.
 
 `init_distributed` reads the torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT), joins the process group (NCCL on GPUs, gloo on CPU) and lets
-megatron-core build the groups: `initialize_model_parallel(tensor_model_parallel_size=tp)`
-puts consecutive ranks in one tensor-parallel group, so the data-parallel groups are
-{r, r + tp, r + 2 tp, ...}. Model code never touches this.
+megatron-core build the groups in its default order (tp fastest, then dp, then pp):
+consecutive ranks form a tensor-parallel group, the DP groups are {r, r + tp, ...} within a
+pipeline stage, and global rank 0 (which answers the server) is on the first stage. Model
+code never touches this.
 
-Data-parallel helpers for one forward_backward: `data_parallel_share` (this rank's contiguous
-slice of the batch), `first_failure` (every DP rank learns whether any rank failed, so no
-rank waits in a collective the others never reach) and `gather_shares` (every rank's
-per-datum outputs and metrics, in rank order, on DP rank 0). Gradients are summed over DP
-by `backends.common.optimizer.AdapterOptimizer` at the optimizer step.
+Helpers for one forward_backward: `data_parallel_share` (this rank's contiguous slice of the
+batch), `first_failure` (every rank learns whether any rank failed, so no rank waits in a
+collective the others never reach), `gather_shares` (every DP rank's per-datum outputs and
+metrics, in rank order, on DP rank 0), `to_first_stage` (the last stage's result to global
+rank 0) and `merge_over_stages` (dicts each stage holds part of, e.g. adapter state).
+Gradients are summed over DP by `backends.common.optimizer.AdapterOptimizer` at the
+optimizer step.
 
 The module imports torch only inside functions: the server process imports `ParallelDims`.
 """
