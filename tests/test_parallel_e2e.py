@@ -89,11 +89,15 @@ def test_sampling_and_checkpoints_after_data_parallel_training(server, server_dp
     one, two = _train(server.url, 3), _train(server_dp2.url, 3)
     params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=11, stop=[])
     prompt = types.ModelInput.from_ints(SEQS[0][:5])
-    samples = [run["client"].save_weights_and_get_sampling_client().result().sample(prompt, 2, params).result()
-               for run in (one, two)]
-    assert [s.tokens for s in samples[1].sequences] == [s.tokens for s in samples[0].sequences]
-    np.testing.assert_allclose([s.logprobs for s in samples[1].sequences],
-                               [s.logprobs for s in samples[0].sequences], atol=1e-5)
+    samples = []
+    for run in (one, two):  # concurrent requests: DP replicas each take a share of a batch
+        sampler = run["client"].save_weights_and_get_sampling_client().result()
+        futures = [sampler.sample(types.ModelInput.from_ints(s[:4]), 2,
+                                  types.SamplingParams(max_tokens=8, temperature=1.0, seed=11 + i, stop=[]))
+                   for i, s in enumerate(SEQS)] + [sampler.sample(prompt, 2, params)]
+        samples.append([s for f in futures for s in f.result().sequences])
+    assert [s.tokens for s in samples[1]] == [s.tokens for s in samples[0]]
+    np.testing.assert_allclose([s.logprobs for s in samples[1]], [s.logprobs for s in samples[0]], atol=1e-5)
 
     saved = two["client"].save_state("dp2").result().path
     resumed = _client(server_dp2.url).create_training_client_from_state_with_optimizer(saved).result()

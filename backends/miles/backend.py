@@ -26,7 +26,7 @@ from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model
 from backends.miles import packing, schedule
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
-                                     gather_shares, init_distributed, is_global_rank_0, merge_metrics,
+                                     gather_in_rank_order, gather_shares, init_distributed, is_global_rank_0, merge_metrics,
                                      merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
 from backends.miles.schedule import MicroBatch
 from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
@@ -292,6 +292,20 @@ class MilesBackend(TrainingBackend):
                         "save the weights again")
 
     def sample(self, requests):
+        """Each data-parallel replica samples a contiguous share of the requests (its tensor- and
+        pipeline-parallel ranks together); DP rank 0 gathers the results in request order."""
+        mine = data_parallel_share(len(requests), dp_size(), dp_rank())
+        results, error = [], None
+        try:
+            results = self._sample_share([requests[i] for i in mine])
+        except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+            error = e
+        error = first_failure(error)
+        if error is not None:
+            raise error
+        return gather_in_rank_order(results)
+
+    def _sample_share(self, requests):
         results: list[dict[str, Any] | None] = [None] * len(requests)
         by_base: dict[str, list[tuple[int, SampleSpec]]] = {}
         for i, req in enumerate(requests):

@@ -242,15 +242,30 @@ class Share:
     datums: int
 
 
-def gather_shares(share: Share) -> Share | None:
-    """All DP ranks' shares merged in rank order (so in batch order) on DP rank 0; None on
-    the other ranks. A collective over the DP group."""
+def _gather_dp(item: Any) -> list | None:
+    """Every DP rank's `item`, in rank order, on DP rank 0; None elsewhere (collective over DP)."""
     import torch.distributed as dist
 
     if dp_size() == 1:
+        return [item]
+    items = [None] * dp_size() if dp_rank() == 0 else None
+    dist.gather_object(item, items, group=dp_group(), group_dst=0)
+    return items
+
+
+def gather_in_rank_order(items: list) -> list | None:
+    """Every DP rank's list concatenated in rank order (so in batch order) on DP rank 0; None
+    on the other ranks. A collective over the DP group."""
+    lists = _gather_dp(items)
+    return None if lists is None else [x for part in lists for x in part]
+
+
+def gather_shares(share: Share) -> Share | None:
+    """All DP ranks' shares merged in rank order (so in batch order) on DP rank 0; None on
+    the other ranks. A collective over the DP group."""
+    if dp_size() == 1:
         return share
-    shares = [None] * dp_size() if dp_rank() == 0 else None
-    dist.gather_object(share, shares, group=dp_group(), group_dst=0)
+    shares = _gather_dp(share)
     if shares is None:
         return None
     outputs = [out for s in shares for out in s.outputs]

@@ -599,8 +599,8 @@ def generate(
     `decode(tokens) -> str` is needed when any spec has stop strings. `route(adapters)`
     is entered around every model computation with the adapter name of each batch row
     (batch order), so LoRA wrappers can pick per-row adapters. `prefix_cache` (one per base
-    model) lets prompts reuse K/V computed by earlier calls under the same adapter. All TP
-    ranks must call this with identical arguments (they run the same collectives, draw the
+    model) lets prompts reuse K/V computed by earlier calls under the same adapter. All TP and PP
+    ranks of the model must call this with identical arguments (they run the same collectives, draw the
     same tokens and make the same cache decisions).
     """
     model = _unwrap(model)
