@@ -26,7 +26,7 @@ from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model
 from backends.miles import packing, schedule
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
-                                     gather_in_rank_order, gather_shares, init_distributed, is_global_rank_0, merge_metrics,
+                                     gather_in_rank_order, gather_shares, init_distributed, union_over_ranks, is_global_rank_0, merge_metrics,
                                      merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
 from backends.miles.schedule import MicroBatch
 from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
@@ -194,15 +194,26 @@ class MilesBackend(TrainingBackend):
         return {"path": path}
 
     def load_checkpoint(self, model_id, base_model, path, with_optimizer):
+        """Every rank reads its part of the files; if any rank fails (a file deleted between two
+        ranks' reads, say), all of them fail and none keeps a half-loaded adapter."""
         base = self.bases[base_model]
         folder = Path(path)
-        flags = self._install(base, model_id, folder, trainable=True)
-        optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group())
-        if with_optimizer:
-            try:
-                optimizer.load_moments(self._local_moments(base, read_optimizer(folder)))
-            except (KeyError, ValueError) as e:
-                raise UserError(f"the checkpoint's optimizer state does not fit its adapter: {e}") from None
+        error = None
+        try:
+            flags = self._install(base, model_id, folder, trainable=True)
+            optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group())
+            if with_optimizer:
+                try:
+                    optimizer.load_moments(self._local_moments(base, read_optimizer(folder)))
+                except (KeyError, ValueError) as e:
+                    raise UserError(f"the checkpoint's optimizer state does not fit its adapter: {e}") from None
+        except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+            error = e
+        error = first_failure(error)
+        if error is not None:
+            if base.lora.has_adapter(model_id) and model_id not in self.runs:
+                base.lora.remove_adapter(model_id)
+            raise error
         self.runs[model_id] = _Run(base, optimizer, flags)
         return {"model_id": model_id}
 
@@ -293,26 +304,40 @@ class MilesBackend(TrainingBackend):
 
     def sample(self, requests):
         """Each data-parallel replica samples a contiguous share of the requests (its tensor- and
-        pipeline-parallel ranks together); DP rank 0 gathers the results in request order."""
+        pipeline-parallel ranks together); DP rank 0 gathers the results in request order. A
+        request whose adapter cannot be loaded on some rank is refused on all of them (its
+        checkpoint may vanish between two ranks' reads), so the ranks' batches stay the same."""
         mine = data_parallel_share(len(requests), dp_size(), dp_rank())
+        adapters: dict[int, str | None] = {}
+        refused: dict[int, str] = {}
         results, error = [], None
         try:
-            results = self._sample_share([requests[i] for i in mine])
+            for i in mine:
+                try:
+                    adapters[i] = self._adapter_for(requests[i])
+                except UserError as e:
+                    refused[i] = str(e)
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
         error = first_failure(error)
+        if error is None:
+            refused = union_over_ranks(refused)
+            try:
+                results = self._sample_share([(requests[i], adapters.get(i), refused.get(i)) for i in mine])
+            except Exception as e:  # noqa: BLE001
+                error = e
+            error = first_failure(error)
         if error is not None:
             raise error
         return gather_in_rank_order(results)
 
-    def _sample_share(self, requests):
-        results: list[dict[str, Any] | None] = [None] * len(requests)
+    def _sample_share(self, items: list[tuple[dict[str, Any], str | None, str | None]]):
+        """(request, its adapter, why it is refused or None) -> one result per request."""
+        results: list[dict[str, Any] | None] = [None] * len(items)
         by_base: dict[str, list[tuple[int, SampleSpec]]] = {}
-        for i, req in enumerate(requests):
-            try:
-                adapter = self._adapter_for(req)
-            except UserError as e:
-                results[i] = {"error": str(e), "category": "user"}
+        for i, (req, adapter, refusal) in enumerate(items):
+            if refusal is not None:
+                results[i] = {"error": refusal, "category": "user"}
                 continue
             spec = SampleSpec(
                 prompt=[int(t) for t in req["prompt"]], num_samples=req["num_samples"], max_tokens=req["max_tokens"],

@@ -233,6 +233,17 @@ def first_failure(error: BaseException | None) -> BaseException | None:
     return None
 
 
+def union_over_ranks(items: dict) -> dict:
+    """Every rank's `items` merged, on every rank (a collective over all ranks)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, items)
+    return {k: v for part in every for k, v in part.items()}
+
+
 @dataclass
 class Share:
     """One DP rank's part of a forward_backward result."""
