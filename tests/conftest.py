@@ -45,7 +45,9 @@ class ServerProcess:
         for name, path in self.models.items():
             cmd += ["--model", f"{name}={path}"]
         cmd += list(self.extra_args)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **self.extra_env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+               # micro-batches of 2**27 logits on any machine (the default depends on its memory)
+               "TINKERCLOUD_MICROBATCH_LOGITS": str(1 << 27), **self.extra_env}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

@@ -37,8 +37,10 @@ from engine.batch import pack_outputs, unpack_datums
 from engine.messages import UserError
 from engine.registry import stamped
 
-MAX_SNAPSHOTS = 64
-MICROBATCH_LOGITS = 1 << 27  # logits (rows x padded length x local vocab) per forward: 512 MiB in fp32  # frozen sampler adapters kept in memory (least recently used go first)
+MAX_SNAPSHOTS = 64  # frozen sampler adapters kept in memory (least recently used go first)
+LOGITS_MEMORY_SHARE = 0.25  # of the memory free at start-up that one micro-batch's logits may take
+LOGITS_BYTES = 12  # per logit entry: fp32 logits, their log-softmax and its gradient
+MIN_MICROBATCH_LOGITS = 1 << 27  # never fewer logits (rows x width x local vocab) per micro-batch
 
 
 @dataclass
@@ -81,6 +83,7 @@ class MilesBackend(TrainingBackend):
         self.runs: dict[str, _Run] = {}
         self.snapshots: OrderedDict[str, _Base] = OrderedDict()  # snapshot key -> its base model
         self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
+        self.logits_budget = logits_budget(self.device)
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {
@@ -157,10 +160,10 @@ class MilesBackend(TrainingBackend):
 
     def _micro_batches(self, base: _Base, tokens: list, inputs: list[dict[str, Any]]) -> list[MicroBatch]:
         """This rank's datums packed into micro-batches (`packing.pack`) whose logits stay within
-        MICROBATCH_LOGITS; with several pipeline stages, also at least as many micro-batches as
+        `logits_budget`; with several pipeline stages, also at least as many micro-batches as
         stages when the datums allow (fewer leaves stages idle)."""
         lengths = [len(t) for t in tokens]
-        budget = max(1, MICROBATCH_LOGITS // base.local_vocab)
+        budget = max(1, self.logits_budget // base.local_vocab)
         if pp_size() > 1 and lengths:
             budget = min(budget, max(max(lengths), -(-sum(lengths) // pp_size())))
         micro = []
@@ -370,6 +373,32 @@ def _sample_result(out: SampleResult) -> dict[str, Any]:
         "prompt_alt_tokens": out.prompt_alt_tokens,
         "prompt_cache_hit_tokens": out.prompt_cache_hit_tokens,
     }
+
+
+def logits_budget(device: torch.device) -> int:
+    """How many logits (rows x width x local vocabulary) one micro-batch may hold: a share of
+    the memory free once the models are loaded (this GPU's, or on CPU the machine's available
+    RAM split between its workers), and at least MIN_MICROBATCH_LOGITS. The environment
+    variable TINKERCLOUD_MICROBATCH_LOGITS fixes it instead."""
+    import os
+
+    if os.environ.get("TINKERCLOUD_MICROBATCH_LOGITS"):
+        return max(1, int(os.environ["TINKERCLOUD_MICROBATCH_LOGITS"]))
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_ram() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(MIN_MICROBATCH_LOGITS, int(free * LOGITS_MEMORY_SHARE / LOGITS_BYTES))
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _weights_dtype(name: str, device: torch.device) -> torch.dtype:
