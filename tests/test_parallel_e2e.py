@@ -156,3 +156,20 @@ def test_micro_batches_keep_order_and_respect_the_token_budget():
 
     assert micro_batches([3, 3, 3, 10, 1, 1], 9) == [[0, 1, 2], [3], [4, 5]]
     assert micro_batches([], 5) == [] and micro_batches([20], 5) == [[0]]
+
+
+def test_layout_is_chosen_from_checkpoint_size_and_gpu_memory_unless_given():
+    from backends.miles.parallel import ParallelDims
+
+    gib = 1 << 30
+    assert ParallelDims.for_workers(2) == ParallelDims(tp=2, pp=1, dp=1)  # CPU: one TP group
+    assert ParallelDims.for_workers(2, tp=1, pp=2) == ParallelDims(tp=1, pp=2, dp=1)
+    # 8 GPUs of 80 GiB: weights may take 40 GiB per rank.
+    assert ParallelDims.for_workers(8, weight_bytes=16 * gib, device_bytes=80 * gib) == ParallelDims(1, 8, 1)
+    assert ParallelDims.for_workers(8, weight_bytes=140 * gib, device_bytes=80 * gib) == ParallelDims(4, 2, 1)
+    assert ParallelDims.for_workers(8, pp=2, weight_bytes=140 * gib, device_bytes=80 * gib) == ParallelDims(2, 2, 2)
+    assert ParallelDims.for_workers(8, tp=2, weight_bytes=140 * gib, device_bytes=80 * gib) == ParallelDims(2, 2, 2)
+    # Too big even for all 8: every GPU in one model-parallel group.
+    assert ParallelDims.for_workers(8, weight_bytes=900 * gib, device_bytes=80 * gib).world_size == 8
+    with pytest.raises(ValueError, match="--tp 2 x --pp 2 does not divide --workers 6"):
+        ParallelDims.for_workers(6, tp=2, pp=2)
