@@ -173,3 +173,17 @@ def test_layout_is_chosen_from_checkpoint_size_and_gpu_memory_unless_given():
     assert ParallelDims.for_workers(8, weight_bytes=900 * gib, device_bytes=80 * gib).world_size == 8
     with pytest.raises(ValueError, match="--tp 2 x --pp 2 does not divide --workers 6"):
         ParallelDims.for_workers(6, tp=2, pp=2)
+
+
+def test_tensor_and_pipeline_parallel_together_match_one_worker(server, tiny_models, tmp_path):
+    """4 workers as TP=2 x PP=2: LoRA factors split over TP within each stage's layers."""
+    srv = ServerProcess(tmp_path, {QWEN: tiny_models[QWEN]}, workers=4, extra_args=("--tp", "2", "--pp", "2")).start()
+    try:
+        assert "tp=2 x pp=2 x dp=1" in srv.log_path.read_text()
+        one, four = _train(server.url, 3), _train(srv.url, 3)
+    finally:
+        srv.stop()
+    for key in ("lp0", "elementwise", "lp2"):
+        _assert_close_lists(four[key], one[key])
+    for key in ("loss", "norm1", "norm2"):
+        assert four[key] == pytest.approx(one[key], rel=1e-5)
