@@ -33,24 +33,22 @@ class AdapterOptimizer:
         self.steps = 0
 
     def grad_norm(self) -> float:
-        sharded = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
+        """The global gradient norm; one host sync (the squared sums stay on the device)."""
+        device = self._device()
+        sharded = torch.zeros((), dtype=torch.float64, device=device)
+        replicated = torch.zeros((), dtype=torch.float64, device=device)
         for _, p, is_sharded in self.params:
             if p.grad is not None:
-                sq = p.grad.detach().double().pow(2).sum().cpu()
+                sq = p.grad.detach().double().pow(2).sum()
                 if is_sharded:
                     sharded += sq
                 else:
                     replicated += sq
         if _spans(self.tp_group):
-            sharded = sharded.to(self._device())
             dist.all_reduce(sharded, group=self.tp_group)
-            sharded = sharded.cpu()
         total = sharded + replicated
         if _spans(self.pp_group):
-            total = total.to(self._device())
             dist.all_reduce(total, group=self.pp_group)
-            total = total.cpu()
         return math.sqrt(float(total))
 
     def _device(self) -> torch.device:
