@@ -3,7 +3,8 @@
 The server sends a `WorkItem` (an operation name and its arguments: plain Python values
 and numpy arrays) to every rank; rank 0 answers with one `WorkResult`. Arrays travel through
 shared memory (see `shm_queue`). Workers raise `UserError` for mistakes in the caller's
-input; anything else is reported as a server error.
+input; anything else is reported as a server error. Each result carries a `Transport` record:
+what the round trip moved through shared memory and when rank 0 ran it.
 """
 from __future__ import annotations
 
@@ -35,11 +36,26 @@ class WorkItem:
 
 
 @dataclass
+class Transport:
+    """How one work item travelled. Times are `time.time()` seconds, the wall clock, which every
+    process on this machine reads alike, so stamps of the server and of rank 0 can be subtracted
+    (`perf_counter` and `monotonic` have an undefined reference point: only differences within
+    one process are meaningful by their documentation)."""
+
+    request_bytes: int = 0  # server: tensor bytes put into shared memory for the request, all ranks together
+    result_bytes: int = 0  # rank 0: tensor bytes of its result
+    enqueued_at: float = 0.0  # server: put on the ranks' queues
+    started_at: float = 0.0  # rank 0: began running it (0: it never ran)
+    finished_at: float = 0.0  # rank 0: done running it
+
+
+@dataclass
 class WorkResult:
     request_id: str
     result: Any = None
     error: str | None = None
     category: str = "server"  # "user" | "server", meaningful when error is set
+    transport: Transport = field(default_factory=Transport)
 
 
 @dataclass

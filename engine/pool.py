@@ -1,10 +1,13 @@
 """The worker pool: starts torchrun-style worker processes and talks to them.
 
-One process per rank (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set for each,
-as torchrun would). `submit()` puts a `WorkItem` on every rank's shared-memory queue and
-returns an asyncio future for rank 0's `WorkResult`. A reader thread hands results to the
-event loop; a watcher thread notices a rank that dies, fails everything in flight with a
-clear server error and marks the pool unhealthy. The event loop never waits on a worker.
+One process per rank (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT set for each, as torchrun would; CPU workers share the cores by LOCAL_WORLD_SIZE).
+`submit()` puts a `WorkItem` on every rank's shared-memory queue and returns an asyncio
+future for rank 0's `WorkResult`, whose `transport` record the pool completes with the
+request's shared-memory bytes and the time it was queued (rank 0 stamped the rest). A
+reader thread hands results to the event loop; a watcher thread notices a rank that dies,
+fails everything in flight with a clear server error and marks the pool unhealthy. The
+event loop never waits on a worker.
 """
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any
 
-from engine.messages import WorkerFailed, WorkerReady, WorkItem, WorkResult
+from engine.messages import Transport, WorkerFailed, WorkerReady, WorkItem, WorkResult
 from engine.shm_queue import CONTEXT, ShmQueue, raise_open_file_limit
 
 log = logging.getLogger("tinkercloud.pool")
@@ -50,7 +54,7 @@ class WorkerPool:
         self._inbox = [ShmQueue(numpy_out=False) for _ in range(spec.world_size)]
         self._outbox = ShmQueue(numpy_out=True)
         self._procs: list = []
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, tuple[asyncio.Future, Transport]] = {}  # the server's half of each transport
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._stopping = False
@@ -105,9 +109,9 @@ class WorkerPool:
         if self.failure is not None:
             fut.set_result(WorkResult(item.request_id, error=self.failure, category="server"))
             return fut
-        self._inflight[item.request_id] = fut
-        for q in self._inbox:
-            q.put(item)
+        sent = Transport(enqueued_at=time.time())
+        sent.request_bytes = sum(q.put(item) for q in self._inbox)
+        self._inflight[item.request_id] = (fut, sent)
         return fut
 
     # ---- threads -------------------------------------------------------------------------
@@ -129,8 +133,9 @@ class WorkerPool:
         elif isinstance(msg, WorkerFailed):
             self._on_failure(f"worker rank {msg.rank} failed to start: {msg.error}")
         elif isinstance(msg, WorkResult):
-            fut = self._inflight.pop(msg.request_id, None)
+            fut, sent = self._inflight.pop(msg.request_id, (None, None))
             if fut is not None and not fut.done():
+                msg.transport.request_bytes, msg.transport.enqueued_at = sent.request_bytes, sent.enqueued_at
                 fut.set_result(msg)
 
     def _watch_processes(self) -> None:
@@ -149,7 +154,8 @@ class WorkerPool:
             log.error("worker pool is down: %s", reason)
         if not self._ready.done():
             self._ready.set_exception(RuntimeError(reason))
-        for request_id, fut in list(self._inflight.items()):
+        for request_id, (fut, sent) in list(self._inflight.items()):
             if not fut.done():
-                fut.set_result(WorkResult(request_id, error=f"{reason}; the request was lost", category="server"))
+                fut.set_result(WorkResult(request_id, error=f"{reason}; the request was lost", category="server",
+                                          transport=sent))
         self._inflight.clear()

@@ -5,22 +5,34 @@
   (a retry) and gets the same future.
 - Everything else runs as soon as it arrives (the pool's queues are FIFO).
 - Sampling requests are batched: while one sampling batch runs on the workers, new ones
-  wait and then all go together (batching only under contention, no fixed clock).
+  wait and then all go together (batching only under contention, no fixed clock). An idle
+  sampler starts the next batch one event-loop turn after a request arrives, so requests
+  that arrive together (a burst) go together instead of as 1 + the rest.
 Results are encoded by the caller-supplied `encode` function and stored as futures.
+
+Each finished work item is recorded in `engine.metrics.TransportMetrics` (bytes, latency
+stages from `ARRIVED_AT`, set by the HTTP layer, to the stored future).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine.futures import FutureStore
 from engine.messages import WorkItem, WorkResult
+from engine.metrics import TransportMetrics
 from engine.pool import WorkerPool
 
 log = logging.getLogger("tinkercloud.scheduler")
 
 RETRY_WINDOW = 1024  # how many already-run seq_ids per model are remembered for retries
+
+# When the HTTP request being handled reached its handler (time.time()); None outside a request.
+ARRIVED_AT: ContextVar[float | None] = ContextVar("tinkercloud_arrived_at", default=None)
 
 # encode(result) -> (payload, kind) where kind is "json" or "proto"
 Encoder = Callable[[Any], tuple[Any, str]]
@@ -37,6 +49,8 @@ class _Job:
     args: dict[str, Any]
     encode: Encoder
     rejection: str | None = None  # set: fail in order with this user error instead of running
+    arrived_at: float = 0.0  # the HTTP request reached its handler (time.time())
+    submitted_at: float = 0.0  # the handler handed it to the scheduler
 
 
 @dataclass
@@ -53,12 +67,14 @@ class Scheduler:
         self.max_sample_rows = max_sample_rows
         self._lanes: dict[str, _ModelLane] = {}
         self._samples: list[tuple[_Job, int]] = []  # (job, rows) waiting for the next batch
-        self._sampling = False
+        self._sampling = False  # a sampling batch is on the workers
+        self._sampling_soon = False  # the next batch starts on the next event-loop turn
+        self.metrics = TransportMetrics()
 
     # ---- submission ----------------------------------------------------------------------
     def submit(self, op: str, args: dict[str, Any], encode: Encoder = as_json) -> str:
         """Run as soon as possible; returns the future's request id."""
-        job = _Job(self.futures.create(), op, args, encode)
+        job = self._new_job(op, args, encode)
         self._dispatch(job)
         return job.request_id
 
@@ -68,7 +84,7 @@ class Scheduler:
         lane = self._lanes.setdefault(model_id, _ModelLane())
         if seq_id in lane.accepted:
             return lane.accepted[seq_id]
-        job = _Job(self.futures.create(), op, args, encode, rejection)
+        job = self._new_job(op, args, encode, rejection)
         lane.accepted[seq_id] = job.request_id
         if seq_id < lane.next_seq:
             self.futures.fail(job.request_id, f"seq_id {seq_id} of {model_id} is out of order: "
@@ -83,9 +99,12 @@ class Scheduler:
         return job.request_id
 
     def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder) -> str:
-        job = _Job(self.futures.create(), "sample", args, encode)
+        job = self._new_job("sample", args, encode)
         self._samples.append((job, rows))
-        self._start_sampling()
+        if not self._sampling and not self._sampling_soon:
+            # Not at once: requests of a burst that are being handled in this loop turn join in.
+            self._sampling_soon = True
+            asyncio.get_running_loop().call_soon(self._start_sampling)
         return job.request_id
 
     def accepted(self, model_id: str, seq_id: int) -> str | None:
@@ -100,12 +119,22 @@ class Scheduler:
             self.futures.fail(job.request_id, f"model {model_id} was unloaded before request {seq_id} could run", "user")
 
     # ---- execution -----------------------------------------------------------------------
+    def _new_job(self, op: str, args: dict[str, Any], encode: Encoder, rejection: str | None = None) -> _Job:
+        now = time.time()
+        arrived = ARRIVED_AT.get()
+        return _Job(self.futures.create(), op, args, encode, rejection,
+                    arrived_at=now if arrived is None else arrived, submitted_at=now)
+
     def _dispatch(self, job: _Job) -> None:
         if job.rejection is not None:
             self.futures.fail(job.request_id, job.rejection, "user")
             return
         fut = self.pool.submit(WorkItem(job.request_id, job.op, job.args))
-        fut.add_done_callback(lambda f: self._finish(job, f.result()))
+        fut.add_done_callback(lambda f: self._finish_item(job, f.result()))
+
+    def _finish_item(self, job: _Job, res: WorkResult) -> None:
+        self._finish(job, res)
+        self.metrics.record(job.op, [job], res)
 
     def _finish(self, job: _Job, res: WorkResult) -> None:
         if res.error is not None:
@@ -120,6 +149,7 @@ class Scheduler:
         self.futures.complete(job.request_id, payload, kind)
 
     def _start_sampling(self) -> None:
+        self._sampling_soon = False
         if self._sampling or not self._samples:
             return
         batch, rows = [], 0
@@ -141,4 +171,5 @@ class Scheduler:
                 err = one.get("error") if isinstance(one, dict) else None
                 self._finish(job, WorkResult(job.request_id, error=err, category=one.get("category", "server"))
                              if err else WorkResult(job.request_id, result=one))
+        self.metrics.record("sample", batch, res)
         self._start_sampling()

@@ -4,7 +4,7 @@ A `ShmQueue` is a multiprocessing queue whose pickler moves tensor storage into 
 memory (torch.multiprocessing's reductions): only a small handle goes through the pipe,
 the bytes are mapped, not copied, by the receiver. numpy arrays in a message are turned
 into tensors on the way in; the server's end turns tensors back into arrays, while workers
-keep them as tensors.
+keep them as tensors. `put` says how many tensor bytes a message moved into shared memory.
 """
 from __future__ import annotations
 
@@ -44,6 +44,21 @@ def from_shared(obj: Any) -> Any:
     return obj
 
 
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every numpy array and tensor in `obj` (what travels through shared memory)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
+
+
 def raise_open_file_limit() -> None:
     """Every tensor in flight holds a file descriptor: allow as many as the system lets us."""
     import resource
@@ -60,8 +75,12 @@ class ShmQueue:
         self._q = CONTEXT.Queue()
         self.numpy_out = numpy_out  # True for the server's end: hand out numpy, not tensors
 
-    def put(self, msg: Any) -> None:
-        self._q.put(to_shared(msg))
+    def put(self, msg: Any) -> int:
+        """Queue `msg`; returns the tensor bytes it moves into shared memory (the copy itself
+        happens on the queue's feeder thread, when the message is pickled)."""
+        shared = to_shared(msg)
+        self._q.put(shared)
+        return tensor_bytes(shared)
 
     def get(self, timeout: float | None = None) -> Any:
         msg = self._q.get(timeout=timeout)

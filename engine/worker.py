@@ -1,16 +1,20 @@
 """Worker process main loop: receive a WorkItem, run it on the backend, reply from rank 0.
 
 Every rank runs the same commands in the same order (they meet in collectives); only
-rank 0's answer goes back to the server. Never imports aiohttp.
+rank 0's answer goes back to the server, stamped with when it ran and how many tensor
+bytes it carries (`Transport`). On CPU the ranks of this machine share its cores: each
+takes cores // ranks intra-op threads unless OMP_NUM_THREADS says otherwise. Never
+imports aiohttp.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 
-from engine.messages import UserError, WorkerFailed, WorkerReady, WorkItem, WorkResult
-from engine.shm_queue import ShmQueue, raise_open_file_limit
+from engine.messages import Transport, UserError, WorkerFailed, WorkerReady, WorkItem, WorkResult
+from engine.shm_queue import ShmQueue, raise_open_file_limit, tensor_bytes
 
 log = logging.getLogger("tinkercloud.worker")
 
@@ -20,6 +24,7 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
     raise_open_file_limit()
     rank = int(env["RANK"])
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
+    share_cpu_cores(int(env.get("LOCAL_WORLD_SIZE", "1")))
     try:
         from backends import load_backend
 
@@ -39,7 +44,26 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
             outbox.put(reply)
 
 
+def share_cpu_cores(local_workers: int) -> None:
+    """Without a thread count every CPU rank takes all cores, and ranks (or any other busy
+    process) oversubscribe them: OpenMP threads then spin at barriers. OMP_NUM_THREADS wins."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") or torch.cuda.is_available():
+        return
+    threads = max(1, (os.cpu_count() or 1) // max(1, local_workers))
+    torch.set_num_threads(threads)
+    log.info("CPU worker: %d intra-op thread(s) (%d core(s), %d local worker(s))", threads, os.cpu_count(), local_workers)
+
+
 def run_item(backend, item: WorkItem) -> WorkResult:
+    started = time.time()
+    reply = _run(backend, item)
+    reply.transport = Transport(result_bytes=tensor_bytes(reply.result), started_at=started, finished_at=time.time())
+    return reply
+
+
+def _run(backend, item: WorkItem) -> WorkResult:
     try:
         return WorkResult(item.request_id, result=backend.run(item.op, item.args))
     except UserError as e:

@@ -1,16 +1,35 @@
-"""HTTP routes. This table is the one place that lists every endpoint the server answers."""
+"""HTTP routes. This table is the one place that lists every endpoint the server answers.
+
+Every handler is wrapped so that work it hands to the scheduler knows when its request
+reached the handler (`engine.scheduler.ARRIVED_AT`, for the transport metrics).
+"""
 from __future__ import annotations
+
+import functools
+import time
+from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from handlers import custom_loss, futures, rest, sampling, sessions, training, weights
+from engine.scheduler import ARRIVED_AT
+from handlers import custom_loss, futures, metrics, rest, sampling, sessions, training, weights
 from handlers.unsupported import refuse
 
 V1 = "/api/v1"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def stamp_arrival(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def stamped(request: web.Request) -> web.StreamResponse:
+        ARRIVED_AT.set(time.time())
+        return await handler(request)
+
+    return stamped
 
 
 def routes() -> list[web.RouteDef]:
-    return [
+    table = [
         web.post(f"{V1}/client/config", sessions.client_config),
         web.post(f"{V1}/client/dynamic_config", sessions.dynamic_config),
         web.post(f"{V1}/create_session", sessions.create_session),
@@ -57,4 +76,6 @@ def routes() -> list[web.RouteDef]:
         web.get(f"{V1}/audit", refuse("audit")),
         web.get(f"{V1}/billing/usage/events", refuse("billing")),
         web.get(f"{V1}/billing/usage/checkpoints/current", refuse("billing")),
+        web.get(f"{V1}/metrics", metrics.get_metrics),
     ]
+    return [web.route(r.method, r.path, stamp_arrival(r.handler), **r.kwargs) for r in table]

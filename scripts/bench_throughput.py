@@ -7,12 +7,18 @@ One invocation measures, for one base model and one fixed workload (LoRA SFT ste
   and `optim_step` submitted together, then both awaited; tokens = batch * seq per step) and
   sample tokens/s (all `sample` calls of a round submitted at once; tokens = tokens returned);
 - a latency split of one training step, from serial raw HTTP requests encoded exactly as the
-  SDK encodes them (TinkerCloud only; the server is not instrumented):
+  SDK encodes them (TinkerCloud only; measured from the client side):
   `transfer` = the submit POST (upload, decode, validation, enqueue) + a second
   `retrieve_future` of the finished future (download of the stored result);
   `compute` = the in-process time of the same operation (below);
   `queue+IPC` = the first (long-polled) `retrieve_future` minus the download minus compute:
   scheduling, the shared-memory hop to the worker and back, result encoding, the futures store;
+- the server's own transport numbers (TinkerCloud's `GET /api/v1/metrics`, read before and
+  after the timed train steps and sampling rounds): tensor bytes copied into shared memory per
+  train step / sampling round, both ways; work items per phase (a sampling batch is one item,
+  so requests per item shows how a burst was batched); and the mean of each latency stage per
+  request, from arrival at the HTTP handler to the worker's start, its compute and the stored
+  future (other servers: not reported);
 - in-process, in a subprocess with a torchrun environment of world size 1 and no server:
   the identical computation built from the same parts the worker uses (`build_model`,
   `LoraManager`, `token_logprobs`, `compute_loss`, `AdapterOptimizer`, the KV-cache `generate`),
@@ -223,11 +229,13 @@ def sdk_datums(wl: Workload):
                         loss_fn_inputs={"target_tokens": row[1:], "weights": [1.0] * wl.seq}) for row in wl.rows()]
 
 
-def sdk_train(tc, wl: Workload) -> dict:
+def sdk_train(tc, wl: Workload, read_metrics=lambda: None) -> dict:
     from tinker import types
 
     data, step_s, losses = sdk_datums(wl), [], []
-    for _ in range(wl.warmup + wl.steps):
+    for i in range(wl.warmup + wl.steps):
+        if i == wl.warmup:
+            before = read_metrics()
         t0 = time.perf_counter()
         fb = tc.forward_backward(data, "cross_entropy")
         opt = tc.optim_step(types.AdamParams(learning_rate=ADAM["learning_rate"]))
@@ -235,7 +243,9 @@ def sdk_train(tc, wl: Workload) -> dict:
         opt.result()
         step_s.append(time.perf_counter() - t0)
         losses.append(-sum(sum(o["logprobs"].tolist()) for o in out.loss_fn_outputs) / wl.train_tokens)
-    return train_summary(step_s, losses, wl)
+    summary = train_summary(step_s, losses, wl)
+    transport = transport_phase(before, read_metrics(), ("forward_backward", "optim_step"), wl.steps)
+    return {**summary, "transport": transport} if transport else summary
 
 
 def train_summary(step_s: list[float], losses: list[float], wl: Workload) -> dict:
@@ -245,11 +255,13 @@ def train_summary(step_s: list[float], losses: list[float], wl: Workload) -> dic
             "mean_nll_first": round(losses[0], 4), "mean_nll_last": round(losses[-1], 4)}
 
 
-def sdk_sample(sampler, wl: Workload) -> dict:
+def sdk_sample(sampler, wl: Workload, read_metrics=lambda: None) -> dict:
     from tinker import types
 
     round_s, tokens = [], []
     for rnd in range(1 + wl.sample_rounds):  # round 0 warms up
+        if rnd == 1:
+            before = read_metrics()
         prompts = [types.ModelInput.from_ints(tokens=p) for p in wl.prompts(rnd)]
         t0 = time.perf_counter()
         futures = [sampler.sample(prompt=p, num_samples=wl.num_samples, sampling_params=types.SamplingParams(
@@ -258,7 +270,9 @@ def sdk_sample(sampler, wl: Workload) -> dict:
         if rnd > 0:
             round_s.append(time.perf_counter() - t0)
             tokens.append(n)
-    return sample_summary(round_s, tokens)
+    summary = sample_summary(round_s, tokens)
+    transport = transport_phase(before, read_metrics(), ("sample",), wl.sample_rounds)
+    return {**summary, "transport": transport} if transport else summary
 
 
 def sample_summary(round_s: list[float], tokens: list[int]) -> dict:
@@ -273,10 +287,48 @@ def run_sdk(url: str, api_key: str, base_model: str, wl: Workload) -> dict:
     service = tinker.ServiceClient(base_url=url, api_key=api_key)
     tc = _resolved(service.create_lora_training_client(base_model=base_model, rank=wl.rank, seed=0,
                                                        train_unembed=wl.train_unembed))
-    train = sdk_train(tc, wl)
+    read = lambda: server_metrics(url, api_key)  # noqa: E731
+    train = sdk_train(tc, wl, read)
     path = tc.save_weights_for_sampler(name="bench").result().path
-    sample = sdk_sample(_resolved(service.create_sampling_client(model_path=path)), wl)
+    sample = sdk_sample(_resolved(service.create_sampling_client(model_path=path)), wl, read)
     return {"sdk_version": tinker.__version__, "train": train, "sample": sample}
+
+
+# ---- the server's transport metrics (TinkerCloud) ---------------------------------------
+TRANSPORT_STAGES = ("arrival_to_enqueued", "enqueued_to_start", "compute", "end_to_stored", "arrival_to_start", "total")
+
+
+def server_metrics(url: str, api_key: str) -> dict | None:
+    """The per-operation transport numbers of `GET /api/v1/metrics`; None where the server has none."""
+    req = urllib.request.Request(f"{url}/api/v1/metrics", headers={"X-API-Key": api_key})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["transport"]["ops"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def transport_phase(before: dict | None, after: dict | None, ops: tuple[str, ...], units: int) -> dict | None:
+    """What moved between two readings of the metrics: shared-memory bytes per unit (a train step,
+    a sampling round) both ways, and per operation its work items, requests and the mean ms of
+    each latency stage over the requests of the phase."""
+    if before is None or after is None:
+        return None
+    out: dict = {"request_bytes_per_unit": 0.0, "result_bytes_per_unit": 0.0, "ops": {}}
+    for op in ops:
+        now, then = after.get(op), before.get(op) or {}
+        if now is None:
+            continue
+        delta = lambda key: now[key] - then.get(key, 0)  # noqa: E731
+        out["request_bytes_per_unit"] += round(delta("request_bytes") / units, 1)
+        out["result_bytes_per_unit"] += round(delta("result_bytes") / units, 1)
+        stages = {}
+        for stage in TRANSPORT_STAGES:
+            a, b = now["latency_ms"][stage], (then.get("latency_ms") or {}).get(stage, {})
+            count = a["count"] - b.get("count", 0)
+            stages[stage] = round((a["sum"] - b.get("sum", 0.0)) / count, 2) if count else None
+        out["ops"][op] = {"items": delta("items"), "requests": delta("requests"), "mean_ms": stages}
+    return out
 
 
 # ---- raw HTTP latency probe (TinkerCloud, protobuf SDKs) ----------------------------------
@@ -487,6 +539,7 @@ def table(report: dict) -> str:
         lines.append(f"{'step latency (ms)':24}{'transfer':>10}{'queue+IPC':>11}{'compute':>10}{'total':>10}")
         for op, s in report["latency_split"].items():
             lines.append(f"  {op:22}{s['transfer_ms']:>10}{s['queue_ipc_ms']:>11}{s['compute_ms']:>10}{s['total_ms']:>10}")
+    lines += transport_table(server)
     if inproc:
         m = report.get("mfu") or {}
         shown = lambda v: "n/a (no GPU peak known)" if v is None else f"{100 * v:.1f}%"  # noqa: E731
@@ -501,6 +554,27 @@ def table(report: dict) -> str:
                  f"OMP_NUM_THREADS {report['omp_num_threads']}; load average "
                  f"{load(report['load_before'])} before, {load(report['load_after'])} after; {report['date']}")
     return "\n".join(lines)
+
+
+def transport_table(server: dict) -> list[str]:
+    """The server's transport numbers over the timed phases (SDK runs against TinkerCloud)."""
+    phases = [(kind, unit, server[kind]["transport"]) for kind, unit in (("train", "train step"), ("sample", "round"))
+              if (server.get(kind) or {}).get("transport")]
+    if not phases:
+        return []
+    cell = lambda v: "-" if v is None else v  # noqa: E731
+    lines = [f"{'server transport (mean ms)':28}{'items':>6}{'req/item':>9}{'arr->enq':>9}{'enq->start':>11}"
+             f"{'compute':>9}{'end->stored':>12}{'arr->start':>11}"]
+    for kind, unit, t in phases:
+        for op, o in t["ops"].items():
+            m = o["mean_ms"]
+            per_item = round(o["requests"] / o["items"], 1) if o["items"] else "-"
+            lines.append(f"  {op:26}{o['items']:>6}{per_item:>9}{cell(m['arrival_to_enqueued']):>9}"
+                         f"{cell(m['enqueued_to_start']):>11}{cell(m['compute']):>9}{cell(m['end_to_stored']):>12}"
+                         f"{cell(m['arrival_to_start']):>11}")
+        lines.append(f"  shared memory per {unit}: {t['request_bytes_per_unit']:.0f} B to the workers, "
+                     f"{t['result_bytes_per_unit']:.0f} B back")
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
