@@ -180,12 +180,12 @@ def free_port() -> int:
 class Server:
     """`python tinkercloud.py` serving one model on a free loopback port, in a throw-away data dir."""
 
-    def __init__(self, api_key: str, base_model: str, model_dir: str, workers: int):
+    def __init__(self, api_key: str, base_model: str, model_dir: str, workers: int, dtype: str):
         self.data_dir, self.port = Path(tempfile.mkdtemp(prefix="tinkercloud-bench-")), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, str(ROOT / "tinkercloud.py"), "--host", "127.0.0.1", "--port", str(self.port),
                     "--data-dir", str(self.data_dir), "--workers", str(workers), "--api-key", api_key,
-                    "--model", f"{base_model}={model_dir}"]
+                    "--model", f"{base_model}={model_dir}", "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype]]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 600) -> "Server":
@@ -436,9 +436,7 @@ def inprocess_main(spec: dict) -> dict:
     wl = Workload(**spec["workload"])
     device = init_distributed(ParallelDims(tp=1))
     t0 = time.perf_counter()
-    model = build_model(spec["model_dir"], device)
-    if spec["dtype"] == "bf16":
-        model.to(torch.bfloat16)
+    model = build_model(spec["model_dir"], device, torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32)
     lora = LoraManager(model)
     lora.add_adapter("bench", wl.rank, LORA_ALPHA, train_unembed=wl.train_unembed, seed=0)
     optimizer = AdapterOptimizer(lora.adapter_params("bench"), parallel_state.get_tensor_model_parallel_group())
@@ -517,7 +515,8 @@ def summarize(report: dict) -> dict:
     if inproc and report.get("facts"):
         wl, facts = Workload(**report["workload"]), report["facts"]
         report["mfu"] = {"inprocess": mfu(facts, wl, inproc["train"]["tokens_per_s"], inproc["device"], inproc["dtype"]),
-                         "server": mfu(facts, wl, server and server["train"]["tokens_per_s"], inproc["device"], "fp32"),
+                         "server": mfu(facts, wl, server and server["train"]["tokens_per_s"], inproc["device"],
+                                       inproc["dtype"]),
                          "train_flops_per_token": train_flops_per_token(facts, wl)}
     return report
 
@@ -589,7 +588,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base-model", help="the server's name for the base model")
     p.add_argument("--models-cache", default=str(Path(tempfile.gettempdir()) / "tinkercloud-bench-models"))
     p.add_argument("--workers", type=int, default=1, help="worker processes of a started server")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="in-process only (the server runs fp32)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="base weights of the started server and the in-process run (adapters stay fp32)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the started server's workers and the in-process run")
     p.add_argument("--no-server", action="store_true", help="in-process only")
     p.add_argument("--no-inprocess", action="store_true")
@@ -629,7 +628,7 @@ def measure(args: argparse.Namespace, wl: Workload, model_dir: str | None, base_
     """Server and in-process runs alternate `--repeats` times, so load drift hits both alike."""
     server = None
     if args.start_server and not args.no_server:
-        server = Server(args.api_key, base_model, model_dir, args.workers).start()
+        server = Server(args.api_key, base_model, model_dir, args.workers, args.dtype).start()
     url = None if args.no_server else server.url if server else args.url
     runs: dict[str, list[dict]] = {"server": [], "inprocess": []}
     try:

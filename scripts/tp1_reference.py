@@ -84,7 +84,7 @@ def run_sequence(url: str) -> dict:
 def measure() -> dict:
     with tempfile.TemporaryDirectory(prefix="tp1-ref-model-") as tmp:
         digest = write_model(Path(tmp))
-        server = Server(API_KEY, BASE_MODEL, tmp, workers=1).start()
+        server = Server(API_KEY, BASE_MODEL, tmp, workers=1, dtype="fp32").start()  # the CPU reference is fp32
         try:
             values = run_sequence(server.url)
         finally:
