@@ -8,6 +8,7 @@ SGLang behind the same `sample` operation.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from engine.messages import UserError
 from engine.registry import stamped
 
 MAX_SNAPSHOTS = 64  # frozen sampler adapters kept in memory (least recently used go first)
-LOGITS_MEMORY_SHARE = 0.25  # of the memory free at start-up that one micro-batch's logits may take
+MICROBATCH_MEMORY_SHARE = 0.25  # of the memory free at start-up that one micro-batch may take
 LOGITS_BYTES = 12  # per logit entry: fp32 logits, their log-softmax and its gradient
 MIN_MICROBATCH_LOGITS = 1 << 27  # never fewer logits (rows x width x local vocab) per micro-batch
 
@@ -83,7 +84,8 @@ class MilesBackend(TrainingBackend):
         self.runs: dict[str, _Run] = {}
         self.snapshots: OrderedDict[str, _Base] = OrderedDict()  # snapshot key -> its base model
         self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
-        self.logits_budget = logits_budget(self.device)
+        self.micro_batch_bytes = int(free_memory(self.device) * MICROBATCH_MEMORY_SHARE)
+        self.recompute = spec.recompute
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {
@@ -159,11 +161,11 @@ class MilesBackend(TrainingBackend):
         return {} if merged is None else {"outputs": pack_outputs(merged.outputs), "metrics": merged.metrics}
 
     def _micro_batches(self, base: _Base, tokens: list, inputs: list[dict[str, Any]]) -> list[MicroBatch]:
-        """This rank's datums packed into micro-batches (`packing.pack`) whose logits stay within
-        `logits_budget`; with several pipeline stages, also at least as many micro-batches as
-        stages when the datums allow (fewer leaves stages idle)."""
+        """This rank's datums packed into micro-batches (`packing.pack`) of at most `_token_budget`
+        tokens; with several pipeline stages, also at least as many micro-batches as stages when
+        the datums allow (fewer leaves stages idle)."""
         lengths = [len(t) for t in tokens]
-        budget = max(1, self.logits_budget // base.local_vocab)
+        budget = self._token_budget(base)
         if pp_size() > 1 and lengths:
             budget = min(budget, max(max(lengths), -(-sum(lengths) // pp_size())))
         micro = []
@@ -174,6 +176,16 @@ class MilesBackend(TrainingBackend):
                 mask = None
             micro.append(MicroBatch(layout, tok, tgt, mask))
         return micro
+
+    def _token_budget(self, base: _Base) -> int:
+        """Tokens per micro-batch: what fits in `micro_batch_bytes` at the logits' and the
+        activations' cost per token, and at least MIN_MICROBATCH_LOGITS logits' worth. The
+        environment variable TINKERCLOUD_MICROBATCH_LOGITS fixes the logits per micro-batch."""
+        fixed = os.environ.get("TINKERCLOUD_MICROBATCH_LOGITS")
+        if fixed:
+            return max(1, int(fixed) // base.local_vocab)
+        per_token = base.local_vocab * LOGITS_BYTES + activation_bytes_per_token(base.model, self.recompute)
+        return max(MIN_MICROBATCH_LOGITS // base.local_vocab, self.micro_batch_bytes // per_token)
 
     def optim_step(self, model_id, adam):
         return {"metrics": self._run(model_id).optimizer.step(adam)}
@@ -375,20 +387,21 @@ def _sample_result(out: SampleResult) -> dict[str, Any]:
     }
 
 
-def logits_budget(device: torch.device) -> int:
-    """How many logits (rows x width x local vocabulary) one micro-batch may hold: a share of
-    the memory free once the models are loaded (this GPU's, or on CPU the machine's available
-    RAM split between its workers), and at least MIN_MICROBATCH_LOGITS. The environment
-    variable TINKERCLOUD_MICROBATCH_LOGITS fixes it instead."""
-    import os
-
-    if os.environ.get("TINKERCLOUD_MICROBATCH_LOGITS"):
-        return max(1, int(os.environ["TINKERCLOUD_MICROBATCH_LOGITS"]))
+def free_memory(device: torch.device) -> int:
+    """Bytes free once the models are loaded: this GPU's, or on CPU the machine's available RAM
+    split between its workers."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_ram() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(MIN_MICROBATCH_LOGITS, int(free * LOGITS_MEMORY_SHARE / LOGITS_BYTES))
+        return torch.cuda.mem_get_info(device)[0]
+    return _available_ram() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def activation_bytes_per_token(model, recompute: str) -> int:
+    """What backward keeps per token across this stage's layers, roughly: the inputs of the
+    norms, linears and attention, and the MLP's intermediates (hidden states are whole on every
+    tensor-parallel rank, the MLP's are split); with full recomputation only each layer's input."""
+    cfg = model.config
+    per_layer = cfg.hidden_size if recompute == "full" else 10 * cfg.hidden_size + 4 * cfg.ffn_hidden_size // tp_size()
+    return len(model.decoder.layers) * per_layer * cfg.params_dtype.itemsize
 
 
 def _available_ram() -> int:
