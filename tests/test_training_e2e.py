@@ -144,3 +144,25 @@ def test_a_batch_larger_than_one_micro_batch_gives_the_same_gradient_as_one_datu
     norm_whole = whole.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:mean"]
     norm_apart = apart.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:mean"]
     assert norm_whole == pytest.approx(norm_apart, rel=1e-5)
+
+
+def test_short_datums_packed_into_one_row_give_what_each_gives_alone(service_client):
+    # One 24-token datum sets the row length; the four short ones share a second row under a
+    # block-diagonal mask (packing), so any attention across them would change their logprobs.
+    rng = np.random.default_rng(1)
+    lengths = [(4, 20), (2, 4), (3, 3), (2, 4), (1, 3)]  # (prompt, completion) tokens
+    data = [sft_datum(rng.integers(0, 5000, p).tolist(), rng.integers(0, 5000, c).tolist()) for p, c in lengths]
+    packed = service_client.create_lora_training_client(QWEN, rank=4, seed=9).result()
+    alone = service_client.create_lora_training_client(QWEN, rank=4, seed=9).result()
+    for tc in (packed, alone):  # a step first, so the adapter is not the identity
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    together = packed.forward_backward(data, "cross_entropy").result()
+    apart = [alone.forward_backward([d], "cross_entropy").result() for d in data]
+    for got, want in zip(together.loss_fn_outputs, apart):
+        np.testing.assert_allclose(got["logprobs"].to_numpy(), want.loss_fn_outputs[0]["logprobs"].to_numpy(),
+                                   atol=1e-5, rtol=0)
+    assert together.metrics["loss:sum"] == pytest.approx(sum(a.metrics["loss:sum"] for a in apart), rel=1e-5)
+    norms = [tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:mean"]
+             for tc in (packed, alone)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
