@@ -9,7 +9,9 @@ of the box with no GPU and no download.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import AsyncIterator
@@ -56,6 +58,14 @@ def checkpoint_bytes(model_dir: str) -> int:
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
+def layer_count(model_dir: str) -> int:
+    """The checkpoint's decoder layers (0 if its config does not say)."""
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("num_hidden_layers", 0))
+    except (OSError, ValueError):
+        return 0
+
+
 def gpu_memory_bytes() -> int:
     """One local GPU's memory (0 without GPUs): what the automatic layout fits the weights into."""
     import torch
@@ -80,7 +90,7 @@ def create_app(config: Config) -> web.Application:
         models = list(config.models) or [await ensure_embedded_model(config.data_dir)]
         dims = ParallelDims.for_workers(  # refuses a tp x pp that does not divide the workers
             world_size(config), config.tp, config.pp, weight_bytes=sum(checkpoint_bytes(m.path) for m in models),
-            device_bytes=gpu_memory_bytes())
+            device_bytes=gpu_memory_bytes(), layers=math.gcd(*(layer_count(m.path) for m in models)))
         spec = WorkerSpec(config.backend, {m.name: str(Path(m.path).resolve()) for m in models},
                           str(Path(config.data_dir).resolve()), dims.world_size, dims.tp, dims.pp, config.dtype,
                           config.recompute)

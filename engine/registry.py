@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -178,6 +179,8 @@ class Registry:
         self.runs: dict[str, TrainingRun] = {}
         self.samplers: dict[str, Sampler] = {}
         self.active: set[str] = set()  # runs whose adapter is on this process's workers
+        # REST handlers change checkpoint metadata from worker threads: one read-modify-write at a time
+        self._checkpoint_lock = threading.Lock()
         self._load()
         self.signing_key: bytes = self._store.get("signing_key") or self._new_signing_key()
         self._remove_hidden_folders()
@@ -310,21 +313,23 @@ class Registry:
         return sorted(found, key=lambda e: (e.meta.get("created_at") or 0, str(e.path)))
 
     def update_checkpoint(self, p: TinkerPath, **changes: Any) -> CheckpointEntry:
-        entry = self.checkpoint(p)
-        entry.meta.update(changes)
-        try:
-            write_meta(self.checkpoint_dir(p), entry.meta)
-        except FileNotFoundError:  # deleted meanwhile
-            raise LookupError(f"checkpoint {p} does not exist") from None
-        return entry
+        with self._checkpoint_lock:
+            entry = self.checkpoint(p)
+            entry.meta.update(changes)
+            try:
+                write_meta(self.checkpoint_dir(p), entry.meta)
+            except FileNotFoundError:  # deleted meanwhile
+                raise LookupError(f"checkpoint {p} does not exist") from None
+            return entry
 
     def set_checkpoint_ttl(self, p: TinkerPath, ttl_seconds: Any) -> CheckpointEntry:
         ttl = check_ttl(ttl_seconds)
         return self.update_checkpoint(p, ttl_seconds=ttl, expires_at=None if ttl is None else time.time() + ttl)
 
     def delete_checkpoint(self, p: TinkerPath) -> None:
-        self.checkpoint(p)
-        _remove_folder(self.checkpoint_dir(p))
+        with self._checkpoint_lock:
+            self.checkpoint(p)
+            _remove_folder(self.checkpoint_dir(p))
 
     def sweep_expired(self) -> None:
         self.checkpoints()

@@ -173,6 +173,10 @@ def test_layout_is_chosen_from_checkpoint_size_and_gpu_memory_unless_given():
     assert ParallelDims.for_workers(8, weight_bytes=900 * gib, device_bytes=80 * gib).world_size == 8
     with pytest.raises(ValueError, match="--tp 2 x --pp 2 does not divide --workers 6"):
         ParallelDims.for_workers(6, tp=2, pp=2)
+    # Stages hold equal numbers of layers: pp must divide the layer count.
+    assert ParallelDims.for_workers(4, tp=1, weight_bytes=900 * gib, device_bytes=80 * gib, layers=6).pp == 2
+    with pytest.raises(ValueError, match="--pp 2 does not divide the models' 3 layers"):
+        ParallelDims.for_workers(2, tp=1, pp=2, layers=3)
 
 
 def test_tensor_and_pipeline_parallel_together_match_one_worker(server, tiny_models, tmp_path):
@@ -187,3 +191,33 @@ def test_tensor_and_pipeline_parallel_together_match_one_worker(server, tiny_mod
         _assert_close_lists(four[key], one[key])
     for key in ("loss", "norm1", "norm2"):
         assert four[key] == pytest.approx(one[key], rel=1e-5)
+
+
+def test_tied_embeddings_split_over_two_stages_with_the_automatic_micro_batch_budget(tmp_path):
+    """A tied-embedding checkpoint (like Qwen3-0.6B) on PP=2: the last stage loads its own copy of
+    the embedding as the output layer. Both servers plan micro-batches from free memory (no fixed
+    budget), which the two pipeline ranks must agree on."""
+    from tests.mcore_harness import make_hf_checkpoint
+
+    tied = make_hf_checkpoint(tmp_path / "tied", "qwen3", tie_word_embeddings=True)
+    auto_budget = {"TINKERCLOUD_MICROBATCH_LOGITS": ""}
+    data = [sft_datum([5, 6, 7], [8, 9, 10, 11, 12, 13]), sft_datum([20, 21], [22, 23, 24])]
+    results = []
+    for name, args, workers in (("one", (), 1), ("pp2", ("--tp", "1", "--pp", "2"), 2)):
+        srv = ServerProcess(tmp_path / name, {"tied": tied}, workers=workers, extra_args=args, env=auto_budget).start()
+        try:
+            tc = _client(srv.url).create_lora_training_client("tied", rank=4, seed=3).result()
+            fb = tc.forward_backward(data, "cross_entropy").result()
+            norm = tc.optim_step(LINEAR_STEP).result().metrics["grad_norm:mean"]
+            sampled = tc.save_weights_and_get_sampling_client().result().sample(
+                types.ModelInput.from_ints([5, 6, 7]), 1,
+                types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])).result().sequences[0].tokens
+            results.append((logprobs_of(fb), fb.metrics["loss:sum"], norm,
+                            logprobs_of(tc.forward(data, "cross_entropy").result()), sampled))
+        finally:
+            srv.stop()
+    (lp_a, loss_a, norm_a, after_a, tok_a), (lp_b, loss_b, norm_b, after_b, tok_b) = results
+    _assert_close_lists(lp_b, lp_a)
+    _assert_close_lists(after_b, after_a)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-5)
+    assert tok_b == tok_a

@@ -23,8 +23,10 @@ MOMENT_KINDS = ("exp_avg", "exp_avg_sq", "step")
 
 class AdapterOptimizer:
     def __init__(self, params: list[tuple[str, torch.nn.Parameter, bool]], tp_group=None, dp_group=None,
-                 pp_group=None) -> None:
+                 pp_group=None, device: torch.device | None = None) -> None:
         self.params = params
+        # where collectives' buffers live: a stage without this adapter's factors still takes part
+        self.device = device if device is not None else params[0][1].device if params else torch.device("cpu")
         self.tp_group = tp_group
         self.dp_group = dp_group
         self.pp_group = pp_group
@@ -52,7 +54,7 @@ class AdapterOptimizer:
         return math.sqrt(float(total))
 
     def _device(self) -> torch.device:
-        return self.params[0][1].device if self.params else torch.device("cpu")
+        return self.device
 
     def sum_data_parallel_grads(self) -> None:
         """Sum every parameter's gradient over the DP group (collective). A rank without a
@@ -117,7 +119,8 @@ class AdapterOptimizer:
                 "exp_avg": moments["exp_avg"][name].detach().to(p.device, p.dtype).clone(),
                 "exp_avg_sq": moments["exp_avg_sq"][name].detach().to(p.device, p.dtype).clone(),
             }
-        self.steps = int(max((float(moments["step"][name]) for name in names), default=self.steps))
+        # every stage's step counts are in `moments` (a stage without factors has none of its own)
+        self.steps = int(max((float(v) for v in moments["step"].values()), default=self.steps))
 
 
 def _spans(group) -> bool:

@@ -84,7 +84,8 @@ class MilesBackend(TrainingBackend):
         self.runs: dict[str, _Run] = {}
         self.snapshots: OrderedDict[str, _Base] = OrderedDict()  # snapshot key -> its base model
         self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
-        self.micro_batch_bytes = int(free_memory(self.device) * MICROBATCH_MEMORY_SHARE)
+        # Every rank must cut a batch into the same micro-batches: plan from the least free memory.
+        self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device) * MICROBATCH_MEMORY_SHARE)
         self.recompute = spec.recompute
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
@@ -105,7 +106,7 @@ class MilesBackend(TrainingBackend):
         base = self.bases[base_model]
         flags = dict(train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed)
         base.lora.add_adapter(model_id, rank, alpha, seed=seed, **flags)
-        opt = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group())
+        opt = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group(), self.device)
         self.runs[model_id] = _Run(base, opt, {"rank": rank, "alpha": alpha, **flags})
         return {"model_id": model_id}
 
@@ -201,9 +202,13 @@ class MilesBackend(TrainingBackend):
 
     def save_checkpoint(self, model_id, path, meta, overwrite, with_optimizer):
         run = self._run(model_id)
+        exists = None
         if Path(path).exists() and not overwrite:
-            raise UserError(f"checkpoint {meta['tinker_path']} already exists; save under another name "
-                            "or pass overwrite=True")
+            exists = UserError(f"checkpoint {meta['tinker_path']} already exists; save under another name "
+                               "or pass overwrite=True")
+        exists = first_failure(exists)  # every rank stops, or none (a delete may land between two ranks' checks)
+        if exists is not None:
+            raise exists
         optimizer = self._full_moments(run) if with_optimizer else None  # collective
         self._write_checkpoint(run, model_id, Path(path), meta, optimizer)
         return {"path": path}
@@ -216,7 +221,7 @@ class MilesBackend(TrainingBackend):
         error = None
         try:
             flags = self._install(base, model_id, folder, trainable=True)
-            optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group())
+            optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group(), self.device)
             if with_optimizer:
                 try:
                     optimizer.load_moments(self._local_moments(base, read_optimizer(folder)))
@@ -295,6 +300,11 @@ class MilesBackend(TrainingBackend):
         self._install(base, key, folder, trainable=False)
         self._remember(key, base)
 
+    def _forget_snapshot(self, key: str) -> None:
+        base = self.snapshots.pop(key, None)
+        if base is not None:
+            base.lora.remove_adapter(key)
+
     def _remember(self, key: str, base: _Base) -> None:
         self.snapshots[key] = base
         self.snapshots.move_to_end(key)
@@ -325,18 +335,24 @@ class MilesBackend(TrainingBackend):
         mine = data_parallel_share(len(requests), dp_size(), dp_rank())
         adapters: dict[int, str | None] = {}
         refused: dict[int, str] = {}
+        loaded_now: dict[int, str] = {}  # requests whose snapshot this call loaded here
         results, error = [], None
         try:
             for i in mine:
+                had = set(self.snapshots)
                 try:
                     adapters[i] = self._adapter_for(requests[i])
                 except UserError as e:
                     refused[i] = str(e)
+                if adapters.get(i) is not None and adapters[i] not in had:
+                    loaded_now[i] = adapters[i]
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
         error = first_failure(error)
         if error is None:
             refused = union_over_ranks(refused)
+            for i in refused.keys() & loaded_now.keys():  # refused elsewhere: keep the ranks' snapshots equal
+                self._forget_snapshot(loaded_now[i])
             try:
                 results = self._sample_share([(requests[i], adapters.get(i), refused.get(i)) for i in mine])
             except Exception as e:  # noqa: BLE001
@@ -393,6 +409,15 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return _available_ram() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def least_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` any rank has (a collective over all ranks)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def activation_bytes_per_token(model, recompute: str) -> int:

@@ -200,8 +200,8 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
             sources["embedding.word_embeddings.weight"] = lambda: vocab_rows(ckpt.slice("model.embed_tokens.weight"))
         if model.post_process:
             sources["decoder.final_layernorm.weight"] = lambda: ckpt.tensor("model.norm.weight")
-            if not model.pre_process or not model.share_embeddings_and_output_weights:  # a stage's own copy
-                unembed = "model.embed_tokens.weight" if model.share_embeddings_and_output_weights else "lm_head.weight"
+            if not model.share_embeddings_and_output_weights:  # untied, or tied but on its own stage
+                unembed = "model.embed_tokens.weight" if hf_cfg.get("tie_word_embeddings") else "lm_head.weight"
                 sources["output_layer.weight"] = lambda: vocab_rows(ckpt.slice(unembed))
         for i, layer in enumerate(model.decoder.layers):
             sources.update(_layer_sources(ckpt, config, i, layer.layer_number - 1, tp, rank, columns))

@@ -66,6 +66,10 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
         read_hf_config(model_dir), tensor_parallel_size=tp_size(), pipeline_parallel_size=pp_size(), dtype=dtype,
         recompute=recompute)
     vocab = gpt_kwargs.pop("vocab_size")
+    if pp_size() > 1:
+        # Tied embeddings across stages would make megatron sync the two copies at build time (on
+        # CUDA only); the weights are frozen, so the last stage simply loads its own copy.
+        gpt_kwargs["share_embeddings_and_output_weights"] = False
     padded_vocab = -(-vocab // tp_size()) * tp_size()
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention

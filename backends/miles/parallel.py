@@ -48,16 +48,21 @@ class ParallelDims:
 
     @classmethod
     def for_workers(cls, workers: int, tp: int = 0, pp: int = 0, *, weight_bytes: int = 0,
-                    device_bytes: int = 0) -> "ParallelDims":
+                    device_bytes: int = 0, layers: int = 0) -> "ParallelDims":
         """The layout of `workers` ranks. A degree given (> 0) is kept; one left at 0 is chosen.
 
         On GPUs (`device_bytes` > 0: one GPU's memory) the smallest pipeline degree, then the
         smallest tensor degree (1, 2, 4, 8: tensor parallelism stays within a node) whose
         per-rank share of `weight_bytes` fits in WEIGHT_SHARE of a GPU; the rest is data
         parallel. Without GPUs every worker joins one tensor-parallel group (pp 1), unless told.
+        `layers` (> 0: the layer count every served model's must be a multiple of) limits pp.
         """
         def fits(t: int, p: int) -> bool:
-            return t >= 1 and p >= 1 and workers % (t * p) == 0
+            return t >= 1 and p >= 1 and workers % (t * p) == 0 and (not layers or layers % p == 0)
+
+        if pp and layers and layers % pp:
+            raise ValueError(f"--pp {pp} does not divide the models' {layers} layers: each pipeline stage "
+                             "holds an equal number of layers")
 
         if tp and pp:
             chosen = (tp, pp)
