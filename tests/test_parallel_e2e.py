@@ -214,6 +214,9 @@ def test_tied_embeddings_split_over_two_stages_with_the_automatic_micro_batch_bu
                 types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])).result().sequences[0].tokens
             results.append((logprobs_of(fb), fb.metrics["loss:sum"], norm,
                             logprobs_of(tc.forward(data, "cross_entropy").result()), sampled))
+            if workers == 2:  # each stage reports loading its own layers
+                log = srv.log_path.read_text()
+                assert all(f"(pipeline stage {k}/2): 100%" in log for k in (1, 2)), srv.tail()
         finally:
             srv.stop()
     (lp_a, loss_a, norm_a, after_a, tok_a), (lp_b, loss_b, norm_b, after_b, tok_b) = results

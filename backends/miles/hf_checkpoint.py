@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from safetensors import safe_open
 
 from backends.miles.load_progress import LoadProgress
-from backends.miles.parallel import tp_rank, tp_size
+from backends.miles.parallel import dp_rank, pp_rank, pp_size, tp_rank, tp_size
 
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": True, "LlamaForCausalLM": False}  # -> qk_layernorm
 
@@ -211,7 +211,11 @@ def load_hf_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
         unexpected = sorted(set(sources) - set(params))
         if missing or unexpected:
             raise RuntimeError(f"HF->mcore mapping mismatch: unfilled {missing}, unknown {unexpected}")
-        with torch.no_grad(), LoadProgress(f"loading {model_dir}", total=len(sources), unit="tensors") as progress:
+        # The first rank of each pipeline stage reports its stage's load.
+        stage = f" (pipeline stage {pp_rank() + 1}/{pp_size()})" if pp_size() > 1 else ""
+        reporter = 0 if rank == 0 and dp_rank() == 0 else 1
+        with torch.no_grad(), LoadProgress(f"loading {model_dir}{stage}", total=len(sources), unit="tensors",
+                                           rank=reporter) as progress:
             for name, read in sources.items():
                 value = read()
                 if value.shape != params[name].shape:
