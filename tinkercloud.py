@@ -100,7 +100,8 @@ def create_app(config: Config) -> web.Application:
             await pool.start()
             infos = {name: {**info, "tokenizer_id": tokenizer_id(name, info["path"])}
                      for name, info in pool.models.items()}
-            st = ServerState(config, pool, futures, Scheduler(pool, futures, config.max_sample_batch_rows),
+            scheduler = Scheduler(pool, futures, config.max_sample_batch_rows, sample_joins=dims.dp == 1)
+            st = ServerState(config, pool, futures, scheduler,
                              Registry(config.data_dir), infos)
             app[STATE] = st
             reaper = asyncio.create_task(reap_periodically(

@@ -60,5 +60,16 @@ class TrainingBackend(ABC):
         with the saved AdamW state if `with_optimizer`, else a fresh one. Gradients start at zero."""
 
     @abstractmethod
-    def sample(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Generate for many requests at once; one result (or {"error", "category"}) each."""
+    def sample(self, requests: list[dict[str, Any]], joins=None) -> list[dict[str, Any]]:
+        """Generate for many requests at once; one result (or {"error", "category"}) each.
+
+        With `joins` (an `engine.sample_joins.SampleJoins`, only if `joins_running_samples`),
+        requests that `joins.take(can_join)` hands over between decode steps join the running
+        generation; their results follow, in the order they joined."""
+
+    # Whether sampling requests can join a running sampling batch (every rank decodes in step).
+    joins_running_samples: bool = False
+
+    def agree(self, value: int) -> int:
+        """Global rank 0's `value`, on every rank (a collective); one process: `value`."""
+        return value

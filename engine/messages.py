@@ -47,6 +47,7 @@ class Transport:
     enqueued_at: float = 0.0  # server: put on the ranks' queues
     started_at: float = 0.0  # rank 0: began running it (0: it never ran)
     finished_at: float = 0.0  # rank 0: done running it
+    joined: bool = False  # rank 0: a sampling item that joined a sampling batch already running
 
 
 @dataclass

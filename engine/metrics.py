@@ -55,6 +55,7 @@ class _OpMetrics:
     items: int = 0  # work items sent to the workers (one sampling batch is one item)
     requests: int = 0  # the API requests those items carried
     failed_items: int = 0  # items that came back as an error (or were lost with a worker)
+    joined_items: int = 0  # sampling items that joined a sampling batch already running
     request_bytes: int = 0  # tensor bytes put into shared memory for the requests, all ranks together
     result_bytes: int = 0  # tensor bytes of the results
     timed: int = 0  # requests with latencies (rank 0 ran their item)
@@ -69,6 +70,7 @@ class _OpMetrics:
 
     def summary(self) -> dict[str, Any]:
         return {"items": self.items, "requests": self.requests, "failed_items": self.failed_items,
+                "joined_items": self.joined_items,
                 "request_bytes": self.request_bytes, "result_bytes": self.result_bytes,
                 "latency_ms": {name: _summary_ms(self.recent[name], self.timed, self.seconds[name]) for name in STAGES}}
 
@@ -86,6 +88,7 @@ class TransportMetrics:
         m.items += 1
         m.requests += len(jobs)
         m.failed_items += res.error is not None
+        m.joined_items += t.joined
         m.request_bytes += t.request_bytes
         m.result_bytes += t.result_bytes
         if t.started_at:  # rank 0 ran it (a lost item has no worker stamps)

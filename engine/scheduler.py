@@ -4,8 +4,10 @@
   order they arrive in; a request whose seq_id was already accepted is the same request
   (a retry) and gets the same future.
 - Everything else runs as soon as it arrives (the pool's queues are FIFO).
-- Sampling requests are batched: while one sampling batch runs on the workers, new ones
-  wait and then all go together (batching only under contention, no fixed clock). An idle
+- Sampling requests are batched: requests that arrive in the same event-loop turn go as one
+  item. When the workers let items join a running sampling batch (`sample_joins`: continuous
+  batching, see `engine.sample_joins`), items go to them as they come; otherwise, while one
+  sampling batch runs, new requests wait and then all go together. An idle
   sampler starts the next batch one event-loop turn after a request arrives, so requests
   that arrive together (a burst) go together instead of as 1 + the rest.
 Results are encoded by the caller-supplied `encode` function and stored as futures.
@@ -61,13 +63,17 @@ class _ModelLane:
 
 
 class Scheduler:
-    def __init__(self, pool: WorkerPool, futures: FutureStore, max_sample_rows: int = 64) -> None:
+    def __init__(self, pool: WorkerPool, futures: FutureStore, max_sample_rows: int = 64,
+                 sample_joins: bool = False) -> None:
         self.pool = pool
         self.futures = futures
         self.max_sample_rows = max_sample_rows
+        # Whether the workers let sampling items join a running sampling batch; then items go
+        # to them as requests arrive, else one batch at a time.
+        self.sample_joins = sample_joins
         self._lanes: dict[str, _ModelLane] = {}
         self._samples: list[tuple[_Job, int]] = []  # (job, rows) waiting for the next batch
-        self._sampling = False  # a sampling batch is on the workers
+        self._sampling = 0  # sampling batches on the workers
         self._sampling_soon = False  # the next batch starts on the next event-loop turn
         self.metrics = TransportMetrics()
 
@@ -101,7 +107,7 @@ class Scheduler:
     def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder) -> str:
         job = self._new_job("sample", args, encode)
         self._samples.append((job, rows))
-        if not self._sampling and not self._sampling_soon:
+        if (self.sample_joins or not self._sampling) and not self._sampling_soon:
             # Not at once: requests of a burst that are being handled in this loop turn join in.
             self._sampling_soon = True
             asyncio.get_running_loop().call_soon(self._start_sampling)
@@ -150,19 +156,18 @@ class Scheduler:
 
     def _start_sampling(self) -> None:
         self._sampling_soon = False
-        if self._sampling or not self._samples:
-            return
-        batch, rows = [], 0
-        while self._samples and (not batch or rows + self._samples[0][1] <= self.max_sample_rows):
-            job, n = self._samples.pop(0)
-            batch.append(job)
-            rows += n
-        self._sampling = True
-        item = WorkItem(batch[0].request_id + "+batch", "sample", {"requests": [j.args for j in batch]})
-        self.pool.submit(item).add_done_callback(lambda f: self._finish_sampling(batch, f.result()))
+        while self._samples and (self.sample_joins or not self._sampling):
+            batch, rows = [], 0
+            while self._samples and (not batch or rows + self._samples[0][1] <= self.max_sample_rows):
+                job, n = self._samples.pop(0)
+                batch.append(job)
+                rows += n
+            self._sampling += 1
+            item = WorkItem(batch[0].request_id + "+batch", "sample", {"requests": [j.args for j in batch]})
+            self.pool.submit(item).add_done_callback(lambda f, batch=batch: self._finish_sampling(batch, f.result()))
 
     def _finish_sampling(self, batch: list[_Job], res: WorkResult) -> None:
-        self._sampling = False
+        self._sampling -= 1
         for i, job in enumerate(batch):
             if res.error is not None:
                 self._finish(job, res)

@@ -86,6 +86,11 @@ class ShmQueue:
         msg = self._q.get(timeout=timeout)
         return from_shared(msg) if self.numpy_out else msg
 
+    def get_nowait(self) -> Any:
+        """The next message if one is already here, else `queue.Empty`."""
+        msg = self._q.get_nowait()
+        return from_shared(msg) if self.numpy_out else msg
+
     def close(self) -> None:
         self._q.close()
         self._q.cancel_join_thread()

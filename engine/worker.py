@@ -12,8 +12,10 @@ import logging
 import os
 import time
 import traceback
+from collections import deque
 
 from engine.messages import Transport, UserError, WorkerFailed, WorkerReady, WorkItem, WorkResult
+from engine.sample_joins import SampleJoins
 from engine.shm_queue import ShmQueue, raise_open_file_limit, tensor_bytes
 
 log = logging.getLogger("tinkercloud.worker")
@@ -34,14 +36,19 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
         raise
     if rank == 0:
         outbox.put(WorkerReady(backend.model_infos()))
+    stash: deque = deque()  # items taken from the inbox during a sampling batch, to run next (in order)
     while True:
-        item: WorkItem = inbox.get()
+        item: WorkItem = stash.popleft() if stash else inbox.get()
         if item.op == "shutdown":
             _leave_process_group()
             return
-        reply = run_item(backend, item)
+        if item.op == "sample" and backend.joins_running_samples:
+            replies = run_sampling(backend, item, SampleJoins(inbox, stash, rank, backend.agree))
+        else:
+            replies = [run_item(backend, item)]
         if rank == 0:
-            outbox.put(reply)
+            for reply in replies:
+                outbox.put(reply)
 
 
 def share_cpu_cores(local_workers: int) -> None:
@@ -61,6 +68,26 @@ def run_item(backend, item: WorkItem) -> WorkResult:
     reply = _run(backend, item)
     reply.transport = Transport(result_bytes=tensor_bytes(reply.result), started_at=started, finished_at=time.time())
     return reply
+
+
+def run_sampling(backend, item: WorkItem, joins: SampleJoins) -> list[WorkResult]:
+    """A sampling item, and the ones that join it while it runs: one reply each."""
+    started = time.time()
+    reply = _run(backend, WorkItem(item.request_id, "sample", {**item.args, "joins": joins}))
+    items = [(item, started)] + joins.joined
+    finished = time.time()
+    if reply.error is not None:
+        replies = [WorkResult(it.request_id, error=reply.error, category=reply.category) for it, _ in items]
+    else:
+        results, replies = reply.result, []
+        for it, _ in items:
+            n = len(it.args["requests"])
+            replies.append(WorkResult(it.request_id, result=results[:n]))
+            results = results[n:]
+    for n, (r, (_, joined_at)) in enumerate(zip(replies, items)):
+        r.transport = Transport(result_bytes=tensor_bytes(r.result), started_at=joined_at, finished_at=finished,
+                                joined=n > 0)
+    return replies
 
 
 def _run(backend, item: WorkItem) -> WorkResult:

@@ -161,6 +161,21 @@ def _scenario_tp1(out_dir: Path) -> dict:
     small = generate(model, specs, max_batch_rows=3)  # rows of one spec split across chunks
     out["batch"] = {"together": _result_json(together), "alone": _result_json(alone), "small": _result_json(small)}
 
+    # (3b) continuous batching: specs that arrive between decode steps (some with prompts longer
+    # than the running batch's columns, some finding no room at 3 rows) give what they give alone
+    for max_rows in (64, 3):
+        arrivals = {1: [specs[2]], 2: [specs[1], specs[3]], 6: [specs[4]]}  # poll call -> new specs
+        calls = []
+
+        def poll():
+            calls.append(len(calls))
+            return arrivals.get(len(calls) - 1, [])
+
+        joined = generate(model, [specs[0]], poll=poll, max_batch_rows=max_rows)
+        order = [0, 2, 1, 3, 4]  # the results follow the arrival order
+        out.setdefault("joined", []).append(
+            {"got": _result_json(joined), "alone": _result_json([alone[i] for i in order]), "polls": len(calls)})
+
     # (4) seeds
     seeded = [SampleSpec(PROMPTS[1], max_tokens=20, temperature=1.0, seed=s) for s in (7, 7, 8)]
     out["seeds"] = [r.sequences[0].tokens for r in generate(model, seeded)]
@@ -507,6 +522,17 @@ def test_batching_does_not_change_results(runs):
         assert len(r["seqs"]) == n
         assert all(len(s["tokens"]) == m and s["stop"] == "length" for s in r["seqs"])
     assert b["together"][1]["prompt_logprobs"] is None
+
+
+def test_requests_joining_a_running_batch_give_what_they_give_alone(runs):
+    for case in runs["tp1"]["joined"]:
+        assert case["polls"] > 6
+        for x, y in zip(case["got"], case["alone"], strict=True):
+            assert [s["tokens"] for s in x["seqs"]] == [s["tokens"] for s in y["seqs"]]
+            assert [s["stop"] for s in x["seqs"]] == [s["stop"] for s in y["seqs"]]
+            for sx, sy in zip(x["seqs"], y["seqs"]):
+                _close(sx["logprobs"], sy["logprobs"], 1e-4)  # fp32 noise of other batch shapes
+            _same_extras(x, y, 1e-4)
 
 
 def test_seeds(runs):

@@ -286,3 +286,31 @@ def test_bad_logprob_options_get_clear_errors(server, trained):
                  target_prompt_logprobs=target([5], [4, 2], sparse_crow_indices=[0, 0, 0, 1, 1], sparse_col_indices=[1]))
     assert ok.status_code == 200 and len(ok.json()["sample_sequence_ids"]) == 1
     assert isinstance(raw.result(ok.json()["request_id"]), bytes)  # a protobuf SampleResponse
+
+
+def test_requests_arriving_during_a_long_sample_join_it_and_give_what_they_give_alone(server, trained):
+    """Continuous batching: requests sent while a long generation runs join its batch between
+    decode steps (the metrics count them), and get exactly what they get when run alone."""
+    import time
+
+    from tests.test_metrics_e2e import _ops
+
+    _, sampler = trained
+
+    def joined() -> int:
+        return _ops(server).get("sample", {}).get("joined_items", 0)
+
+    before = joined()
+    prompts = [types.ModelInput.from_ints([9707, 11, 1879] + [i]) for i in range(3)]
+    params = [types.SamplingParams(max_tokens=6, temperature=1.0, seed=40 + i, stop=[]) for i in range(3)]
+    long = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=600, temperature=1.0, seed=7, stop=[]))
+    time.sleep(0.5)
+    short = [sampler.sample(p, 2, sp) for p, sp in zip(prompts, params)]
+    together = [f.result() for f in short]
+    assert len(long.result().sequences[0].tokens) == 600
+    assert joined() > before
+    for got, p, sp in zip(together, prompts, params):
+        alone = sampler.sample(p, 2, sp).result()
+        assert [s.tokens for s in got.sequences] == [s.tokens for s in alone.sequences]
+        np.testing.assert_allclose([s.logprobs for s in got.sequences], [s.logprobs for s in alone.sequences],
+                                   atol=1e-4)

@@ -27,7 +27,8 @@ from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model
 from backends.miles import packing, schedule
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
-                                     gather_in_rank_order, gather_shares, init_distributed, union_over_ranks, is_global_rank_0, merge_metrics,
+                                     from_rank_0, gather_in_rank_order, gather_shares, init_distributed,
+                                     union_over_ranks, is_global_rank_0, merge_metrics,
                                      merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
 from backends.miles.schedule import MicroBatch
 from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
@@ -87,6 +88,9 @@ class MilesBackend(TrainingBackend):
         # Every rank must cut a batch into the same micro-batches: plan from the least free memory.
         self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device) * MICROBATCH_MEMORY_SHARE)
         self.recompute = spec.recompute
+        self._in_use: set[str] = set()  # snapshots that rows of the running sampling batch use
+        # with one DP replica every rank decodes in step, so requests can join a running batch
+        self.joins_running_samples = dp_size() == 1
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {
@@ -306,11 +310,14 @@ class MilesBackend(TrainingBackend):
             base.lora.remove_adapter(key)
 
     def _remember(self, key: str, base: _Base) -> None:
+        """Keep snapshot `key`; evict the least recently used ones beyond MAX_SNAPSHOTS, except
+        those rows of the running sampling batch use."""
         self.snapshots[key] = base
         self.snapshots.move_to_end(key)
-        while len(self.snapshots) > MAX_SNAPSHOTS:
-            old, old_base = self.snapshots.popitem(last=False)
-            old_base.lora.remove_adapter(old)
+        for old in [k for k in self.snapshots if k not in self._in_use and k != key]:
+            if len(self.snapshots) <= MAX_SNAPSHOTS:
+                break
+            self._forget_snapshot(old)
 
     # ---- sampling ------------------------------------------------------------------------
     def _adapter_for(self, req: dict[str, Any]) -> str | None:
@@ -327,21 +334,40 @@ class MilesBackend(TrainingBackend):
         raise UserError("this sampler's weights are no longer in memory (evicted or lost in a restart); "
                         "save the weights again")
 
-    def sample(self, requests):
+    def sample(self, requests, joins=None):
         """Each data-parallel replica samples a contiguous share of the requests (its tensor- and
-        pipeline-parallel ranks together); DP rank 0 gathers the results in request order. A
-        request whose adapter cannot be loaded on some rank is refused on all of them (its
-        checkpoint may vanish between two ranks' reads), so the ranks' batches stay the same."""
+        pipeline-parallel ranks together); DP rank 0 gathers the results in request order. With
+        one replica, requests that arrive meanwhile join the running batch (`joins`); their
+        results follow."""
         mine = data_parallel_share(len(requests), dp_size(), dp_rank())
+        results, error = [], None
+        try:
+            results = self._sample_share(self._resolve([requests[i] for i in mine]), joins)
+        except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+            error = e
+        finally:
+            self._in_use.clear()
+        error = first_failure(error)
+        if error is not None:
+            raise error
+        return gather_in_rank_order(results)
+
+    def agree(self, value: int) -> int:
+        return from_rank_0(value, self.device)
+
+    def _resolve(self, requests: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None, str | None]]:
+        """(request, its adapter, why it is refused or None) for each request (collectives over all
+        ranks). A request whose adapter cannot be loaded on some rank is refused on all of them (its
+        checkpoint may vanish between two ranks' reads), so the ranks' batches stay the same."""
         adapters: dict[int, str | None] = {}
         refused: dict[int, str] = {}
         loaded_now: dict[int, str] = {}  # requests whose snapshot this call loaded here
-        results, error = [], None
+        error = None
         try:
-            for i in mine:
+            for i, req in enumerate(requests):
                 had = set(self.snapshots)
                 try:
-                    adapters[i] = self._adapter_for(requests[i])
+                    adapters[i] = self._adapter_for(req)
                 except UserError as e:
                     refused[i] = str(e)
                 if adapters.get(i) is not None and adapters[i] not in had:
@@ -349,45 +375,59 @@ class MilesBackend(TrainingBackend):
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
         error = first_failure(error)
-        if error is None:
-            refused = union_over_ranks(refused)
-            for i in refused.keys() & loaded_now.keys():  # refused elsewhere: keep the ranks' snapshots equal
-                self._forget_snapshot(loaded_now[i])
-            try:
-                results = self._sample_share([(requests[i], adapters.get(i), refused.get(i)) for i in mine])
-            except Exception as e:  # noqa: BLE001
-                error = e
-            error = first_failure(error)
         if error is not None:
             raise error
-        return gather_in_rank_order(results)
+        refused = union_over_ranks(refused)
+        for i in refused.keys() & loaded_now.keys():  # refused elsewhere: keep the ranks' snapshots equal
+            self._forget_snapshot(loaded_now[i])
+        self._in_use.update(a for i, a in adapters.items() if a is not None and i not in refused)
+        return [(req, adapters.get(i), refused.get(i)) for i, req in enumerate(requests)]
 
-    def _sample_share(self, items: list[tuple[dict[str, Any], str | None, str | None]]):
-        """(request, its adapter, why it is refused or None) -> one result per request."""
+    def _sample_share(self, items: list[tuple[dict[str, Any], str | None, str | None]], joins=None):
+        """One result per (request, adapter, refusal); then one per request that joined."""
         results: list[dict[str, Any] | None] = [None] * len(items)
         by_base: dict[str, list[tuple[int, SampleSpec]]] = {}
         for i, (req, adapter, refusal) in enumerate(items):
             if refusal is not None:
                 results[i] = {"error": refusal, "category": "user"}
-                continue
-            spec = SampleSpec(
-                prompt=[int(t) for t in req["prompt"]], num_samples=req["num_samples"], max_tokens=req["max_tokens"],
-                temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"],
-                stop_token_ids=tuple(req["stop_token_ids"]), stop_strings=tuple(req["stop_strings"]),
-                seed=req["seed"], prompt_logprobs=req["prompt_logprobs"], adapter=adapter,
-                prompt_logprobs_last_n=req.get("prompt_logprobs_last_n"),
-                topk_prompt_logprobs=req.get("topk_prompt_logprobs", 0),
-                topk_sample_logprobs=req.get("topk_sample_logprobs", 0),
-                target_prompt_ids=req.get("target_prompt_ids"), prompt_alt_tokens_k=req.get("prompt_alt_tokens_k", 0))
-            by_base.setdefault(req["base_model"], []).append((i, spec))
-        for name, items in by_base.items():
+            else:
+                by_base.setdefault(req["base_model"], []).append((i, _spec(req, adapter)))
+        joined: list[dict[str, Any] | None] = []  # results of requests that joined, in order
+        for name, specs in by_base.items():
             base, cache = self.bases[name], self.prefix_caches[name]
             cache.retain(lambda adapter: adapter is None or adapter in self.snapshots)  # evicted snapshots' K/V go too
-            outs = generate(base.model, [s for _, s in items], decode=base.decode, route=base.lora.route,
-                            prefix_cache=cache)
-            for (i, _), out in zip(items, outs):
+            slots: list[int] = []  # where each joined spec's result goes in `joined`
+
+            def take_joins(name=name, slots=slots) -> list[SampleSpec]:
+                new = []
+                for reqs in joins.take(lambda reqs: all(r["base_model"] == name for r in reqs)):
+                    for req, adapter, refusal in self._resolve(reqs):
+                        joined.append({"error": refusal, "category": "user"} if refusal is not None else None)
+                        if refusal is None:
+                            slots.append(len(joined) - 1)
+                            new.append(_spec(req, adapter))
+                return new
+
+            outs = generate(base.model, [s for _, s in specs], decode=base.decode, route=base.lora.route,
+                            prefix_cache=cache, poll=take_joins if joins is not None and len(by_base) == 1 else None)
+            for (i, _), out in zip(specs, outs):
                 results[i] = _sample_result(out)
-        return results
+            for slot, out in zip(slots, outs[len(specs):], strict=True):
+                joined[slot] = _sample_result(out)
+        return results + joined
+
+
+def _spec(req: dict[str, Any], adapter: str | None) -> SampleSpec:
+    """A validated sampling request as the sampler's spec."""
+    return SampleSpec(
+        prompt=[int(t) for t in req["prompt"]], num_samples=req["num_samples"], max_tokens=req["max_tokens"],
+        temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"],
+        stop_token_ids=tuple(req["stop_token_ids"]), stop_strings=tuple(req["stop_strings"]),
+        seed=req["seed"], prompt_logprobs=req["prompt_logprobs"], adapter=adapter,
+        prompt_logprobs_last_n=req.get("prompt_logprobs_last_n"),
+        topk_prompt_logprobs=req.get("topk_prompt_logprobs", 0),
+        topk_sample_logprobs=req.get("topk_sample_logprobs", 0),
+        target_prompt_ids=req.get("target_prompt_ids"), prompt_alt_tokens_k=req.get("prompt_alt_tokens_k", 0))
 
 
 def _sample_result(out: SampleResult) -> dict[str, Any]:

@@ -238,6 +238,18 @@ def first_failure(error: BaseException | None) -> BaseException | None:
     return None
 
 
+def from_rank_0(value: int, device) -> int:
+    """Global rank 0's `value`, on every rank (a collective over all ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def union_over_ranks(items: dict) -> dict:
     """Every rank's `items` merged, on every rank (a collective over all ranks)."""
     import torch.distributed as dist

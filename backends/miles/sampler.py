@@ -479,12 +479,13 @@ def _prefill(runner: _Runner, prompts: _Prompts, cached_kv, specs, route, out: d
     return caches, last_logits, pads
 
 
-def _remember(cache: PrefixCache, rows: list[_Row], caches, row_pad, P: int, done: list[int]) -> None:
+def _remember(cache: PrefixCache, rows: list[_Row], caches, row_pad, done: list[int]) -> None:
     """Store the prompt + sampled tokens of finished batch rows `done` in the prefix cache
     (all but the last sampled token, which was never fed back, have K/V)."""
     for n in done:
         r = rows[n]
-        c0, c1 = int(row_pad[n]), P + max(len(r.tokens) - 1, 0)
+        c0 = int(row_pad[n])
+        c1 = c0 + len(r.spec.prompt) + max(len(r.tokens) - 1, 0)
 
         def kv(n=n, c0=c0, c1=c1):
             return [(kc[n, :, c0:c1].clone(), vc[n, :, c0:c1].clone()) for kc, vc in caches]
@@ -492,45 +493,87 @@ def _remember(cache: PrefixCache, rows: list[_Row], caches, row_pad, P: int, don
         cache.insert(r.spec.adapter, r.spec.prompt + r.tokens[:-1], kv)
 
 
-def _run_chunk(runner: _Runner, rows: list[_Row], specs, out: dict, hits: dict, decode, route, cache) -> None:
+@dataclass
+class _Batch:
+    """The rows being decoded together and their per-layer K/V caches [rows, groups, L, d].
+
+    Every row writes the token it feeds at step t into the same column `col`; row i's prompt
+    ends just before the column where it joined, and `row_pad[i]` is its first column."""
+
+    rows: list[_Row]
+    caches: list
+    logits: torch.Tensor  # [rows, V]: what each row samples from next
+    row_pad: torch.Tensor  # [rows]
+    col: int  # the column the next decode step writes
+
+
+def _prefilled(runner: _Runner, rows: list[_Row], specs, out: dict, hits: dict, route, cache):
+    """Prefill the prompts of `rows`: (per-row caches [rows, groups, P, d] per layer, their
+    last-position logits [rows, V], left pads [rows], P), every prompt ending at column P."""
     dev = runner.device
     prompts, cached_kv = _distinct_prompts(rows, specs, cache)
     for j, i in enumerate(prompts.specs):
         hits.setdefault(i, prompts.reuse[j])
     caches_u, last_logits, pads = _prefill(runner, prompts, cached_kv, specs, route, out)
-    del cached_kv
-    P = prompts.P
     where = {i: j for j, i in enumerate(prompts.specs)}
     row_u = torch.tensor([where[r.spec_idx] for r in rows], device=dev)
-    max_new = max(r.budget for r in rows)
-    L = P + max(max_new - 1, 0)  # the last sampled token is never fed back
+    caches = [(kc[row_u], vc[row_u]) for kc, vc in caches_u]  # one cache row per sample
+    return caches, last_logits[row_u], pads[row_u], prompts.P
 
-    # ---- expand to one cache row per sample ----
-    caches = []
-    for kc_u, vc_u in caches_u:
-        kc = kc_u.new_zeros((len(rows), kc_u.shape[1], L, kc_u.shape[3]))
-        vc = torch.zeros_like(kc)
-        kc[:, :, :P] = kc_u[row_u]
-        vc[:, :, :P] = vc_u[row_u]
-        caches.append((kc, vc))
-    del caches_u
-    logits = last_logits[row_u]
-    row_pad = pads[row_u]
-    row_len = torch.tensor([len(r.spec.prompt) for r in rows], device=dev)
 
-    active = list(range(len(rows)))  # indices into `rows`, aligned with the batch dim
+def _widen(caches, left: int, length: int):
+    """Caches with `left` empty columns added in front and room for `length` columns in all."""
+    out = []
+    for kc, vc in caches:
+        shape = (kc.shape[0], kc.shape[1], length, kc.shape[3])
+        k2, v2 = kc.new_zeros(shape), vc.new_zeros(shape)
+        k2[:, :, left : left + kc.shape[2]] = kc
+        v2[:, :, left : left + vc.shape[2]] = vc
+        out.append((k2, v2))
+    return out
+
+
+def _join(batch: _Batch | None, runner: _Runner, rows: list[_Row], specs, out, hits, route, cache) -> _Batch:
+    """`batch` with `rows` prefilled and added, their prompts ending just before its next column
+    (if a prompt is longer than the columns so far, every row shifts right to make room)."""
+    caches, logits, pads, P = _prefilled(runner, rows, specs, out, hits, route, cache)
+    if batch is None:
+        batch = _Batch([], [], logits[:0], pads[:0], P)
+    shift = max(0, P - batch.col)  # columns added in front of the running rows
+    col = batch.col + shift
+    need = col + max(max(r.budget for r in rows + batch.rows) - 1, 0)  # the last sampled token is never fed back
+    length = max(need, (batch.caches[0][0].shape[2] + shift) if batch.caches else 0, col)
+    old = _widen(batch.caches, shift, length) if batch.caches else None
+    new = _widen(caches, col - P, length)
+    merged = new if old is None else [(torch.cat([ko, kn]), torch.cat([vo, vn])) for (ko, vo), (kn, vn) in zip(old, new)]
+    return _Batch(batch.rows + rows, merged, torch.cat([batch.logits, logits]),
+                  torch.cat([batch.row_pad + shift, pads + (col - P)]), col)
+
+
+def _run_chunk(runner: _Runner, rows: list[_Row], specs, out: dict, hits: dict, decode, route, cache,
+               admit: Callable[[int], list[_Row]] | None = None) -> None:
+    """Decode `rows` to the end. Between decode steps `admit(rows in the batch)` may hand over
+    new rows, which are prefilled and decoded along with the others from then on."""
+    dev = runner.device
+    batch = _join(None, runner, rows, specs, out, hits, route, cache)
     for r in rows:
         if r.budget <= 0:
             r.stop_reason = "length"
-    step = 0
     while True:
-        live = [i for i in active if rows[i].stop_reason is None]
+        joining = admit(len(batch.rows)) if admit is not None else []
+        if joining:
+            batch = _join(batch, runner, joining, specs, out, hits, route, cache)
+            for r in joining:
+                if r.budget <= 0:
+                    r.stop_reason = "length"
+        if not batch.rows:
+            return
+        live = [n for n, r in enumerate(batch.rows) if r.stop_reason is None]
         if live:
-            sel = [active.index(i) for i in live] if len(live) != len(active) else None
-            lg = logits if sel is None else logits[torch.tensor(sel, device=dev)]
-            toks, lps = _sample(lg, [rows[i] for i in live])
-            for i, t, lp in zip(live, toks, lps):
-                r = rows[i]
+            lg = batch.logits if len(live) == len(batch.rows) else batch.logits[torch.tensor(live, device=dev)]
+            toks, lps = _sample(lg, [batch.rows[n] for n in live])
+            for n, t, lp in zip(live, toks, lps):
+                r = batch.rows[n]
                 r.tokens.append(t)
                 r.logprobs.append(lp)
                 if t in r.spec.stop_token_ids:
@@ -539,25 +582,24 @@ def _run_chunk(runner: _Runner, rows: list[_Row], specs, out: dict, hits: dict, 
                     r.stop_reason = "stop"
                 elif len(r.tokens) >= r.budget:
                     r.stop_reason = "length"
-        still = [i for i in active if rows[i].stop_reason is None]
-        if cache is not None and len(still) != len(active):
-            done = [n for n, i in enumerate(active) if rows[i].stop_reason is not None]
-            _remember(cache, [rows[i] for i in active], caches, row_pad, P, done)
-        if not still:
-            break
-        if len(still) != len(active):  # drop finished rows from the batch
-            keep = torch.tensor([active.index(i) for i in still], device=dev)
-            caches = [(kc[keep], vc[keep]) for kc, vc in caches]
-            row_pad, row_len = row_pad[keep], row_len[keep]
-            active = still
-        col = P + step
-        inp = torch.tensor([[rows[i].tokens[-1]] for i in active], dtype=torch.long, device=dev)
-        p = (row_len + step)[:, None]
-        key_ok = (torch.arange(col + 1, device=dev)[None, :] >= row_pad[:, None])[:, None, :]
-        with route([rows[i].spec.adapter for i in active]):
-            h = runner.forward(inp, p, caches, col, key_ok)
-            logits = runner._logits(h)[0]
-        step += 1
+        done = [n for n, r in enumerate(batch.rows) if r.stop_reason is not None]
+        if cache is not None and done:
+            _remember(cache, batch.rows, batch.caches, batch.row_pad, done)
+        if done:  # drop finished rows from the batch
+            keep = [n for n, r in enumerate(batch.rows) if r.stop_reason is None]
+            idx = torch.tensor(keep, dtype=torch.long, device=dev)
+            batch = _Batch([batch.rows[n] for n in keep], [(kc[idx], vc[idx]) for kc, vc in batch.caches],
+                           batch.logits[idx], batch.row_pad[idx], batch.col)
+        if not batch.rows:
+            continue  # one more chance for rows to join before the chunk ends
+        col = batch.col
+        inp = torch.tensor([[r.tokens[-1]] for r in batch.rows], dtype=torch.long, device=dev)
+        p = torch.tensor([[len(r.spec.prompt) + len(r.tokens) - 1] for r in batch.rows], device=dev)
+        key_ok = (torch.arange(col + 1, device=dev)[None, :] >= batch.row_pad[:, None])[:, None, :]
+        with route([r.spec.adapter for r in batch.rows]):
+            h = runner.forward(inp, p, batch.caches, col, key_ok)
+            batch.logits = runner._logits(h)[0]
+        batch.col = col + 1
 
 
 def _check_spec(si: int, spec: SampleSpec, max_len: int, vocab: int, decode) -> None:
@@ -593,29 +635,52 @@ def generate(
     route: Callable[[list[str | None]], ContextManager] = lambda rows: contextlib.nullcontext(),
     max_batch_rows: int = 64,
     prefix_cache: PrefixCache | None = None,
+    poll: Callable[[], list[SampleSpec]] | None = None,
 ) -> list[SampleResult]:
     """Sample `spec.num_samples` continuations of every spec's prompt; one result per spec.
 
     `decode(tokens) -> str` is needed when any spec has stop strings. `route(adapters)`
     is entered around every model computation with the adapter name of each batch row
     (batch order), so LoRA wrappers can pick per-row adapters. `prefix_cache` (one per base
-    model) lets prompts reuse K/V computed by earlier calls under the same adapter. All TP and PP
-    ranks of the model must call this with identical arguments (they run the same collectives, draw the
-    same tokens and make the same cache decisions).
+    model) lets prompts reuse K/V computed by earlier calls under the same adapter. `poll()`,
+    called between decode steps, may return more specs: they join the running batch (continuous
+    batching) and their results follow the given specs' in the returned list. All TP and PP
+    ranks of the model must call this with identical arguments, and their `poll`s must return
+    the same specs (they run the same collectives, draw the same tokens and make the same cache
+    decisions).
     """
     model = _unwrap(model)
     if max_batch_rows < 1:
         raise ValueError("max_batch_rows must be >= 1")
+    specs = list(specs)
     rows: list[_Row] = []
     max_len = int(getattr(model, "max_sequence_length", 1 << 30))
     vocab = int(getattr(model, "unpadded_vocab_size", model.vocab_size))
-    for si, spec in enumerate(specs):
+
+    def rows_of(si: int) -> list[_Row]:
+        spec = specs[si]
         _check_spec(si, spec, max_len, vocab, decode)
         budget = min(spec.max_tokens, max_len - len(spec.prompt))
+        made = []
         for k in range(spec.num_samples):
             g = torch.Generator(device="cpu")
             g.manual_seed(_row_seed(spec.seed, k))
-            rows.append(_Row(si, k, spec, budget, g))
+            made.append(_Row(si, k, spec, budget, g))
+        rows.extend(made)
+        return made
+
+    for si in range(len(specs)):
+        rows_of(si)
+    pending: list[_Row] = []  # rows of specs that arrived through `poll`, waiting for room
+
+    def admit(current_rows: int) -> list[_Row]:
+        for spec in poll() if poll is not None else ():
+            specs.append(spec)
+            pending.extend(rows_of(len(specs) - 1))
+        room = max(0, max_batch_rows - current_rows)
+        joining = pending[:room]
+        del pending[:room]
+        return joining
 
     scores: dict[int, PromptScores] = {}
     hits: dict[int, int] = {}
@@ -626,14 +691,19 @@ def generate(
             runner = _Runner(model)
             # Similar prompt lengths together keep padding small; results do not depend on it.
             order = sorted(range(len(rows)), key=lambda i: (len(rows[i].spec.prompt), rows[i].spec_idx))
-            for a in range(0, len(order), max_batch_rows):
-                chunk = [rows[i] for i in order[a : a + max_batch_rows]]
-                _run_chunk(runner, chunk, specs, scores, hits, decode, route, prefix_cache)
+            chunks = [[rows[i] for i in order[a : a + max_batch_rows]] for a in range(0, len(order), max_batch_rows)]
+            while chunks or pending:
+                if chunks:
+                    chunk = chunks.pop(0)
+                else:  # rows that joined through `poll` but found no room
+                    chunk = pending[:max_batch_rows]
+                    del pending[:max_batch_rows]
+                _run_chunk(runner, chunk, specs, scores, hits, decode, route, prefix_cache, admit)
     finally:
         model.train(was_training)
 
     by_spec: list[list[SampledSeq]] = [[] for _ in specs]
-    for r in rows:  # rows were built in (spec, sample index) order
+    for r in sorted(rows, key=lambda r: (r.spec_idx, r.sample_idx)):
         by_spec[r.spec_idx].append(SampledSeq(r.tokens, r.logprobs, r.stop_reason or "length", r.topk_logprobs()))
     results = []
     for si, seqs in enumerate(by_spec):

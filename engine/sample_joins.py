@@ -1,0 +1,55 @@
+"""Sampling requests that join a running sampling batch (continuous batching), in a worker.
+
+While a worker decodes one sampling batch, the server keeps sending sampling work items. Between
+decode steps the backend calls `SampleJoins.take`: the `sample` items already waiting in this
+rank's inbox are handed over, and their rows join the batch, instead of waiting for it to end.
+
+Every rank must hand over the same items at the same step. Global rank 0 decides: it takes what
+its inbox holds, and `agree` (a broadcast from rank 0) tells the other ranks how many items to
+take from theirs, which receive the same items in the same order. Order is kept: the first item
+that cannot join (another operation, or sampling of another base model) is kept aside in `stash`,
+to run right after the batch, and nothing more joins this batch.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from typing import Callable
+
+from engine.messages import WorkItem
+from engine.shm_queue import ShmQueue
+
+
+class SampleJoins:
+    def __init__(self, inbox: ShmQueue, stash: deque, rank: int, agree: Callable[[int], int]) -> None:
+        self.inbox, self.stash, self.rank, self.agree = inbox, stash, rank, agree
+        self.closed = bool(stash)  # items already set aside come first: nothing may overtake them
+        self.joined: list[tuple[WorkItem, float]] = []  # (item, when it joined)
+
+    def take(self, can_join: Callable[[list[dict]], bool]) -> list[list[dict]]:
+        """The request lists of the items that join now (a collective over all ranks)."""
+        if self.closed:
+            return []
+        waiting = 0
+        if self.rank == 0:
+            while True:
+                try:
+                    self.stash.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+                waiting += 1
+        count = self.agree(waiting)
+        if self.rank != 0:
+            for _ in range(count):
+                self.stash.append(self.inbox.get())
+        taken = []
+        while self.stash and len(taken) < count:
+            item = self.stash[0]
+            if item.op != "sample" or not can_join(item.args["requests"]):
+                self.closed = True
+                break
+            taken.append(self.stash.popleft())
+        now = time.time()
+        self.joined.extend((item, now) for item in taken)
+        return [item.args["requests"] for item in taken]
