@@ -541,7 +541,8 @@ def _join(batch: _Batch | None, runner: _Runner, rows: list[_Row], specs, out, h
         batch = _Batch([], [], logits[:0], pads[:0], P)
     shift = max(0, P - batch.col)  # columns added in front of the running rows
     col = batch.col + shift
-    need = col + max(max(r.budget for r in rows + batch.rows) - 1, 0)  # the last sampled token is never fed back
+    # a row with t of its b tokens sampled still feeds b - t - 1 (the last sampled token is never fed back)
+    need = col + max(max(r.budget - len(r.tokens) for r in rows + batch.rows) - 1, 0)
     length = max(need, (batch.caches[0][0].shape[2] + shift) if batch.caches else 0, col)
     old = _widen(batch.caches, shift, length) if batch.caches else None
     new = _widen(caches, col - P, length)
