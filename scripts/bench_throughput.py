@@ -15,8 +15,9 @@ One invocation measures, for one base model and one fixed workload (LoRA SFT ste
   scheduling, the shared-memory hop to the worker and back, result encoding, the futures store;
 - the server's own transport numbers (TinkerCloud's `GET /api/v1/metrics`, read before and
   after the timed train steps and sampling rounds): tensor bytes copied into shared memory per
-  train step / sampling round, both ways; work items per phase (a sampling batch is one item,
-  so requests per item shows how a burst was batched); and the mean of each latency stage per
+  train step / sampling round, both ways; work items per phase (requests that arrive together
+  go as one item; items that arrive while a sampling batch runs join it, and are counted); and
+  the mean of each latency stage per
   request, from arrival at the HTTP handler to the worker's start, its compute and the stored
   future (other servers: not reported);
 - in-process, in a subprocess with a torchrun environment of world size 1 and no server:
@@ -319,7 +320,7 @@ def transport_phase(before: dict | None, after: dict | None, ops: tuple[str, ...
         now, then = after.get(op), before.get(op) or {}
         if now is None:
             continue
-        delta = lambda key: now[key] - then.get(key, 0)  # noqa: E731
+        delta = lambda key: now.get(key, 0) - then.get(key, 0)  # noqa: E731
         out["request_bytes_per_unit"] += round(delta("request_bytes") / units, 1)
         out["result_bytes_per_unit"] += round(delta("result_bytes") / units, 1)
         stages = {}
@@ -327,7 +328,8 @@ def transport_phase(before: dict | None, after: dict | None, ops: tuple[str, ...
             a, b = now["latency_ms"][stage], (then.get("latency_ms") or {}).get(stage, {})
             count = a["count"] - b.get("count", 0)
             stages[stage] = round((a["sum"] - b.get("sum", 0.0)) / count, 2) if count else None
-        out["ops"][op] = {"items": delta("items"), "requests": delta("requests"), "mean_ms": stages}
+        out["ops"][op] = {"items": delta("items"), "requests": delta("requests"), "joined": delta("joined_items"),
+                          "mean_ms": stages}
     return out
 
 
@@ -573,6 +575,9 @@ def transport_table(server: dict) -> list[str]:
                          f"{cell(m['arrival_to_start']):>11}")
         lines.append(f"  shared memory per {unit}: {t['request_bytes_per_unit']:.0f} B to the workers, "
                      f"{t['result_bytes_per_unit']:.0f} B back")
+        joined = sum(o.get("joined", 0) for o in t["ops"].values())
+        if joined:
+            lines.append(f"  {joined} item(s) joined a sampling batch already running (continuous batching)")
     return lines
 
 
