@@ -392,29 +392,42 @@ class MilesBackend(TrainingBackend):
                 results[i] = {"error": refusal, "category": "user"}
             else:
                 by_base.setdefault(req["base_model"], []).append((i, _spec(req, adapter)))
-        joined: list[dict[str, Any] | None] = []  # results of requests that joined, in order
+        joined: list[list[dict[str, Any] | None]] = []  # per item that joined: its requests' results
         for name, specs in by_base.items():
             base, cache = self.bases[name], self.prefix_caches[name]
             cache.retain(lambda adapter: adapter is None or adapter in self.snapshots)  # evicted snapshots' K/V go too
-            slots: list[int] = []  # where each joined spec's result goes in `joined`
+            slots: list[tuple[int, int]] = []  # (item, request) of each joined spec, in spec order
+
+            def answer_if_complete(k: int) -> None:
+                if all(r is not None for r in joined[k]):
+                    joins.reply(k, joined[k])
 
             def take_joins(name=name, slots=slots) -> list[SampleSpec]:
                 new = []
                 for reqs in joins.take(lambda reqs: all(r["base_model"] == name for r in reqs)):
-                    for req, adapter, refusal in self._resolve(reqs):
-                        joined.append({"error": refusal, "category": "user"} if refusal is not None else None)
-                        if refusal is None:
-                            slots.append(len(joined) - 1)
+                    k = len(joined)
+                    joined.append([None] * len(reqs))
+                    for j, (req, adapter, refusal) in enumerate(self._resolve(reqs)):
+                        if refusal is not None:
+                            joined[k][j] = {"error": refusal, "category": "user"}
+                        else:
+                            slots.append((k, j))
                             new.append(_spec(req, adapter))
+                    answer_if_complete(k)  # every request refused: answered at once
                 return new
 
+            def done(si: int, out: SampleResult, first_joined=len(specs), slots=slots) -> None:
+                if si >= first_joined:  # a joined request: its item is answered once all of it is done
+                    k, j = slots[si - first_joined]
+                    joined[k][j] = _sample_result(out)
+                    answer_if_complete(k)
+
+            can_join = joins is not None and len(by_base) == 1
             outs = generate(base.model, [s for _, s in specs], decode=base.decode, route=base.lora.route,
-                            prefix_cache=cache, poll=take_joins if joins is not None and len(by_base) == 1 else None)
+                            prefix_cache=cache, poll=take_joins if can_join else None, on_done=done if can_join else None)
             for (i, _), out in zip(specs, outs):
                 results[i] = _sample_result(out)
-            for slot, out in zip(slots, outs[len(specs):], strict=True):
-                joined[slot] = _sample_result(out)
-        return results + joined
+        return results + [r for item in joined for r in item]
 
 
 def _spec(req: dict[str, Any], adapter: str | None) -> SampleSpec:

@@ -552,9 +552,11 @@ def _join(batch: _Batch | None, runner: _Runner, rows: list[_Row], specs, out, h
 
 
 def _run_chunk(runner: _Runner, rows: list[_Row], specs, out: dict, hits: dict, decode, route, cache,
-               admit: Callable[[int], list[_Row]] | None = None) -> None:
+               admit: Callable[[int], list[_Row]] | None = None,
+               finished: Callable[[list[_Row]], None] | None = None) -> None:
     """Decode `rows` to the end. Between decode steps `admit(rows in the batch)` may hand over
-    new rows, which are prefilled and decoded along with the others from then on."""
+    new rows, which are prefilled and decoded along with the others from then on;
+    `finished(rows)` hears of rows as they finish."""
     dev = runner.device
     batch = _join(None, runner, rows, specs, out, hits, route, cache)
     for r in rows:
@@ -586,6 +588,8 @@ def _run_chunk(runner: _Runner, rows: list[_Row], specs, out: dict, hits: dict, 
         done = [n for n, r in enumerate(batch.rows) if r.stop_reason is not None]
         if cache is not None and done:
             _remember(cache, batch.rows, batch.caches, batch.row_pad, done)
+        if done and finished is not None:
+            finished([batch.rows[n] for n in done])
         if done:  # drop finished rows from the batch
             keep = [n for n, r in enumerate(batch.rows) if r.stop_reason is None]
             idx = torch.tensor(keep, dtype=torch.long, device=dev)
@@ -637,6 +641,7 @@ def generate(
     max_batch_rows: int = 64,
     prefix_cache: PrefixCache | None = None,
     poll: Callable[[], list[SampleSpec]] | None = None,
+    on_done: Callable[[int, SampleResult], None] | None = None,
 ) -> list[SampleResult]:
     """Sample `spec.num_samples` continuations of every spec's prompt; one result per spec.
 
@@ -645,7 +650,8 @@ def generate(
     (batch order), so LoRA wrappers can pick per-row adapters. `prefix_cache` (one per base
     model) lets prompts reuse K/V computed by earlier calls under the same adapter. `poll()`,
     called between decode steps, may return more specs: they join the running batch (continuous
-    batching) and their results follow the given specs' in the returned list. All TP and PP
+    batching) and their results follow the given specs' in the returned list. `on_done(i,
+    result)` hears of spec i's result as soon as all its samples are finished. All TP and PP
     ranks of the model must call this with identical arguments, and their `poll`s must return
     the same specs (they run the same collectives, draw the same tokens and make the same cache
     decisions).
@@ -685,6 +691,14 @@ def generate(
 
     scores: dict[int, PromptScores] = {}
     hits: dict[int, int] = {}
+    unfinished: dict[int, int] = {}  # spec -> its rows still running
+
+    def finished(done: list[_Row]) -> None:
+        for r in done:
+            unfinished[r.spec_idx] = unfinished.get(r.spec_idx, specs[r.spec_idx].num_samples) - 1
+            if unfinished[r.spec_idx] == 0 and on_done is not None:
+                on_done(r.spec_idx, _result_of(r.spec_idx, rows, scores, hits))
+
     was_training = model.training
     model.eval()
     try:
@@ -699,19 +713,19 @@ def generate(
                 else:  # rows that joined through `poll` but found no room
                     chunk = pending[:max_batch_rows]
                     del pending[:max_batch_rows]
-                _run_chunk(runner, chunk, specs, scores, hits, decode, route, prefix_cache, admit)
+                _run_chunk(runner, chunk, specs, scores, hits, decode, route, prefix_cache, admit, finished)
     finally:
         model.train(was_training)
 
-    by_spec: list[list[SampledSeq]] = [[] for _ in specs]
-    for r in sorted(rows, key=lambda r: (r.spec_idx, r.sample_idx)):
-        by_spec[r.spec_idx].append(SampledSeq(r.tokens, r.logprobs, r.stop_reason or "length", r.topk_logprobs()))
-    results = []
-    for si, seqs in enumerate(by_spec):
-        got = scores.get(si, PromptScores())
-        results.append(SampleResult(
-            sequences=seqs, prompt_logprobs=got.logprobs, topk_prompt_logprobs=got.topk,
-            target_prompt_logprobs=got.target_logprobs, prompt_alt_tokens=got.alt_tokens,
-            prompt_cache_hit_tokens=hits.get(si, 0),
-        ))
-    return results
+    return [_result_of(si, rows, scores, hits) for si in range(len(specs))]
+
+
+def _result_of(si: int, rows: list[_Row], scores: dict, hits: dict) -> SampleResult:
+    """Spec `si`'s result from its finished rows."""
+    mine = sorted((r for r in rows if r.spec_idx == si), key=lambda r: r.sample_idx)
+    got = scores.get(si, PromptScores())
+    return SampleResult(
+        sequences=[SampledSeq(r.tokens, r.logprobs, r.stop_reason or "length", r.topk_logprobs()) for r in mine],
+        prompt_logprobs=got.logprobs, topk_prompt_logprobs=got.topk, target_prompt_logprobs=got.target_logprobs,
+        prompt_alt_tokens=got.alt_tokens, prompt_cache_hit_tokens=hits.get(si, 0),
+    )
