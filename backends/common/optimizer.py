@@ -36,7 +36,7 @@ class AdapterOptimizer:
 
     def grad_norm(self) -> float:
         """The global gradient norm; one host sync (the squared sums stay on the device)."""
-        device = self._device()
+        device = self.device
         sharded = torch.zeros((), dtype=torch.float64, device=device)
         replicated = torch.zeros((), dtype=torch.float64, device=device)
         for _, p, is_sharded in self.params:
@@ -53,16 +53,13 @@ class AdapterOptimizer:
             dist.all_reduce(total, group=self.pp_group)
         return math.sqrt(float(total))
 
-    def _device(self) -> torch.device:
-        return self.device
-
     def sum_data_parallel_grads(self) -> None:
         """Sum every parameter's gradient over the DP group (collective). A rank without a
         gradient adds zeros; a parameter no rank has a gradient for keeps none."""
         if not _spans(self.dp_group):
             return
         grads = [p.grad for _, p, _ in self.params]
-        has_grad = torch.tensor([float(g is not None) for g in grads], device=self._device())
+        has_grad = torch.tensor([float(g is not None) for g in grads], device=self.device)
         flat = torch.cat([has_grad, *(p.detach().new_zeros(p.numel()) if g is None else g.reshape(-1)
                                       for (_, p, _), g in zip(self.params, grads))])
         dist.all_reduce(flat, group=self.dp_group)

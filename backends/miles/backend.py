@@ -8,6 +8,7 @@ SGLang behind the same `sample` operation.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import OrderedDict
@@ -27,7 +28,7 @@ from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model
 from backends.miles import packing, schedule
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
-                                     from_rank_0, gather_in_rank_order, gather_shares, init_distributed,
+                                     from_rank_0, gather_in_rank_order, gather_shares, init_distributed, least_over_ranks,
                                      union_over_ranks, is_global_rank_0, merge_metrics,
                                      merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
 from backends.miles.schedule import MicroBatch
@@ -175,10 +176,10 @@ class MilesBackend(TrainingBackend):
             budget = min(budget, max(max(lengths), -(-sum(lengths) // pp_size())))
         micro = []
         for layout in packing.pack(lengths, budget):
+            # one datum per row: no mask (plain causal attention, the fastest kernels)
             tok, tgt, mask = layout.inputs([tokens[i] for i in layout.datums],
-                                           [inputs[i]["target_tokens"] for i in layout.datums], self.device)
-            if layout.rows == len(layout.datums):  # one datum per row: plain causal, the fastest kernels
-                mask = None
+                                           [inputs[i]["target_tokens"] for i in layout.datums], self.device,
+                                           with_mask=layout.rows != len(layout.datums))
             micro.append(MicroBatch(layout, tok, tgt, mask))
         return micro
 
@@ -365,12 +366,12 @@ class MilesBackend(TrainingBackend):
         error = None
         try:
             for i, req in enumerate(requests):
-                had = set(self.snapshots)
+                was_loaded = (req.get("adapter") or {}).get("key") in self.snapshots
                 try:
                     adapters[i] = self._adapter_for(req)
                 except UserError as e:
                     refused[i] = str(e)
-                if adapters.get(i) is not None and adapters[i] not in had:
+                if adapters.get(i) is not None and not was_loaded:
                     loaded_now[i] = adapters[i]
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
@@ -392,42 +393,58 @@ class MilesBackend(TrainingBackend):
                 results[i] = {"error": refusal, "category": "user"}
             else:
                 by_base.setdefault(req["base_model"], []).append((i, _spec(req, adapter)))
-        joined: list[list[dict[str, Any] | None]] = []  # per item that joined: its requests' results
+        # Requests may join only a generation of the one base model this batch samples.
+        joined = _Joined(joins, self._resolve) if joins is not None and len(by_base) == 1 else None
         for name, specs in by_base.items():
             base, cache = self.bases[name], self.prefix_caches[name]
             cache.retain(lambda adapter: adapter is None or adapter in self.snapshots)  # evicted snapshots' K/V go too
-            slots: list[tuple[int, int]] = []  # (item, request) of each joined spec, in spec order
-
-            def answer_if_complete(k: int) -> None:
-                if all(r is not None for r in joined[k]):
-                    joins.reply(k, joined[k])
-
-            def take_joins(name=name, slots=slots) -> list[SampleSpec]:
-                new = []
-                for reqs in joins.take(lambda reqs: all(r["base_model"] == name for r in reqs)):
-                    k = len(joined)
-                    joined.append([None] * len(reqs))
-                    for j, (req, adapter, refusal) in enumerate(self._resolve(reqs)):
-                        if refusal is not None:
-                            joined[k][j] = {"error": refusal, "category": "user"}
-                        else:
-                            slots.append((k, j))
-                            new.append(_spec(req, adapter))
-                    answer_if_complete(k)  # every request refused: answered at once
-                return new
-
-            def done(si: int, out: SampleResult, first_joined=len(specs), slots=slots) -> None:
-                if si >= first_joined:  # a joined request: its item is answered once all of it is done
-                    k, j = slots[si - first_joined]
-                    joined[k][j] = _sample_result(out)
-                    answer_if_complete(k)
-
-            can_join = joins is not None and len(by_base) == 1
+            poll = on_done = None
+            if joined is not None:
+                poll, on_done = functools.partial(joined.take, name), functools.partial(joined.done, len(specs))
             outs = generate(base.model, [s for _, s in specs], decode=base.decode, route=base.lora.route,
-                            prefix_cache=cache, poll=take_joins if can_join else None, on_done=done if can_join else None)
+                            prefix_cache=cache, poll=poll, on_done=on_done)
             for (i, _), out in zip(specs, outs):
                 results[i] = _sample_result(out)
-        return results + [r for item in joined for r in item]
+        return results + (joined.results() if joined is not None else [])
+
+
+class _Joined:
+    """The sampling requests that joined a running generation, item by item (`SampleJoins`):
+    each item is answered as soon as all its requests are done (or refused)."""
+
+    def __init__(self, joins, resolve) -> None:
+        self.joins, self.resolve = joins, resolve
+        self.items: list[list[dict[str, Any] | None]] = []  # per joined item: its requests' results
+        self.slots: list[tuple[int, int]] = []  # (item, request) of each joined spec, in spec order
+
+    def take(self, base_model: str) -> list[SampleSpec]:
+        """The specs of the requests that join now (a collective over all ranks)."""
+        new = []
+        for reqs in self.joins.take(lambda reqs: all(r["base_model"] == base_model for r in reqs)):
+            k = len(self.items)
+            self.items.append([None] * len(reqs))
+            for j, (req, adapter, refusal) in enumerate(self.resolve(reqs)):
+                if refusal is not None:
+                    self.items[k][j] = {"error": refusal, "category": "user"}
+                else:
+                    self.slots.append((k, j))
+                    new.append(_spec(req, adapter))
+            self._answer_if_complete(k)  # every request refused: answered at once
+        return new
+
+    def done(self, first_joined: int, si: int, out: SampleResult) -> None:
+        """Spec `si` of the generation finished; specs from `first_joined` on are joined ones."""
+        if si >= first_joined:
+            k, j = self.slots[si - first_joined]
+            self.items[k][j] = _sample_result(out)
+            self._answer_if_complete(k)
+
+    def _answer_if_complete(self, k: int) -> None:
+        if all(r is not None for r in self.items[k]):
+            self.joins.reply(k, self.items[k])
+
+    def results(self) -> list[dict[str, Any] | None]:
+        return [r for item in self.items for r in item]
 
 
 def _spec(req: dict[str, Any], adapter: str | None) -> SampleSpec:
@@ -462,15 +479,6 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return _available_ram() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def least_over_ranks(value: int, device: torch.device) -> int:
-    """The smallest `value` any rank has (a collective over all ranks)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 def activation_bytes_per_token(model, recompute: str) -> int:

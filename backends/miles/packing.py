@@ -68,9 +68,10 @@ class MicroBatch:
     def real_tokens(self) -> int:
         return sum(s.length for s in self.segments)
 
-    def inputs(self, tokens: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens [rows, width], targets [rows, width(, K)], attention mask [rows, 1, width, width]).
+    def inputs(self, tokens: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], device: torch.device | str,
+               with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(tokens [rows, width], targets [rows, width(, K)], attention mask [rows, 1, width, width]
+        or None without `with_mask`).
 
         `tokens[i]` and `targets[i]` belong to datum `self.datums[i]`: [len] and [len] or [len, K].
         Padding holds token 0 and target 0; its log-probs are never read.
@@ -90,6 +91,8 @@ class MicroBatch:
             token_rows[segment.row, span] = datum_tokens
             target_rows[segment.row, span] = datum_targets
             owner[segment.row, span] = segment.datum
+        if not with_mask:
+            return token_rows.to(device), target_rows.to(device), None
         causal = torch.ones(self.width, self.width, dtype=torch.bool).tril()
         visible = (owner[:, :, None] == owner[:, None, :]) & causal
         return token_rows.to(device), target_rows.to(device), (~visible)[:, None].to(device)

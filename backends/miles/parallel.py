@@ -223,30 +223,34 @@ def first_failure(error: BaseException | None) -> BaseException | None:
 
     from engine.messages import UserError
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = {} if error is None else {rank: (isinstance(error, UserError), f"{type(error).__name__}: {error}", str(error))}
+    reports = union_over_ranks(mine)
+    if error is not None or not reports:
         return error
-    reports = [None] * world
-    mine = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}", str(error))
-    dist.all_gather_object(reports, mine)
-    if error is not None:
-        return error
-    for rank, report in enumerate(reports):
-        if report is not None:
-            is_user, described, message = report
-            return UserError(message) if is_user else RuntimeError(f"rank {rank} failed: {described}")
-    return None
+    first = min(reports)
+    is_user, described, message = reports[first]
+    return UserError(message) if is_user else RuntimeError(f"rank {first} failed: {described}")
 
 
 def from_rank_0(value: int, device) -> int:
     """Global rank 0's `value`, on every rank (a collective over all ranks)."""
+    return _int_collective(value, device, lambda dist, t: dist.broadcast(t, src=0))
+
+
+def least_over_ranks(value: int, device) -> int:
+    """The smallest `value` any rank has, on every rank (a collective over all ranks)."""
+    return _int_collective(value, device, lambda dist, t: dist.all_reduce(t, op=dist.ReduceOp.MIN))
+
+
+def _int_collective(value: int, device, collective) -> int:
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=0)
+    collective(dist, t)
     return int(t.item())
 
 
