@@ -71,7 +71,7 @@ SHAPES = {
                        tie_word_embeddings=True),
     "qwen3-8b": dict(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                      intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960,
-                     tie_word_embeddings=False),
+                     tie_word_embeddings=False, dtype="bfloat16"),  # 16 GB on disk instead of 33
 }
 # Dense peak TFLOP/s by GPU family and matmul dtype (fp32 = no TF32, torch's default).
 PEAK_TFLOPS = {"H100 PCIe": {"bf16": 756.0, "fp32": 51.2}, "H100": {"bf16": 989.4, "fp32": 66.9},
@@ -415,8 +415,8 @@ def latency_split(probe: dict, inproc: dict) -> dict:
 
 
 # ---- in-process (subprocess with a torchrun environment, world size 1) --------------------
-def run_inprocess(model_dir: str, wl: Workload, dtype: str) -> dict:
-    spec = {"model_dir": model_dir, "workload": asdict(wl), "dtype": dtype}
+def run_inprocess(model_dir: str, wl: Workload, dtype: str, profile: str | None = None) -> dict:
+    spec = {"model_dir": model_dir, "workload": asdict(wl), "dtype": dtype, "profile": profile}
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -444,9 +444,14 @@ def inprocess_main(spec: dict) -> dict:
     optimizer = AdapterOptimizer(lora.adapter_params("bench"), parallel_state.get_tensor_model_parallel_group())
     build_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return {"device": name, "dtype": spec["dtype"], "build_s": round(build_s, 1),
-            "train": _inprocess_train(model, lora, optimizer, wl, device),
-            "sample": _inprocess_sample(model, lora, wl, device)}
+    report = {"device": name, "dtype": spec["dtype"], "build_s": round(build_s, 1),
+              "train": _inprocess_train(model, lora, optimizer, wl, device)}
+    if device.type == "cuda":
+        report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if spec.get("profile"):
+        _profile_train_step(model, lora, optimizer, wl, device, spec["profile"])
+    report["sample"] = _inprocess_sample(model, lora, wl, device)
+    return report
 
 
 def _sync(device) -> float:
@@ -459,6 +464,18 @@ def _sync(device) -> float:
 
 def _inprocess_train(model, lora, optimizer, wl: Workload, device) -> dict:
     """What `MilesBackend.forward_backward` + `optim_step` compute, on the same tokens."""
+    fb_s, opt_s, losses = [], [], []
+    for _ in range(wl.warmup + wl.steps):
+        fb, opt, loss = _train_step(model, lora, optimizer, wl, device)
+        fb_s.append(fb)
+        opt_s.append(opt)
+        losses.append(loss)
+    return {"fb_ms": median_ms(fb_s[wl.warmup:]), "optim_ms": median_ms(opt_s[wl.warmup:]),
+            **train_summary([a + b for a, b in zip(fb_s, opt_s)], losses, wl)}
+
+
+def _train_step(model, lora, optimizer, wl: Workload, device) -> tuple[float, float, float]:
+    """One forward_backward + optim_step on the workload's rows: (fb seconds, optim seconds, mean NLL)."""
     import numpy as np
     import torch
 
@@ -466,25 +483,30 @@ def _inprocess_train(model, lora, optimizer, wl: Workload, device) -> dict:
     from backends.miles.model import token_logprobs
 
     rows = np.asarray(wl.rows(), dtype=np.int64)
-    fb_s, opt_s, losses = [], [], []
-    for _ in range(wl.warmup + wl.steps):
-        t0 = _sync(device)
-        tok, tgt = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
-        with lora.route(["bench"] * wl.batch):
-            lp = token_logprobs(model, tok, tgt)
-            lps = [lp[i] for i in range(wl.batch)]
-            inputs = [{"target_tokens": tgt[i], "weights": torch.ones(wl.seq, device=device)} for i in range(wl.batch)]
-            loss, elementwise, _ = compute_loss("cross_entropy", lps, inputs, {})
-            loss.backward()
-        outputs = [(x.detach().float().cpu(), e.detach().float().cpu()) for x, e in zip(lps, elementwise)]
-        t1 = _sync(device)
-        losses.append(-sum(float(x.sum()) for x, _ in outputs) / wl.train_tokens)
-        optimizer.step(ADAM)
-        t2 = _sync(device)
-        fb_s.append(t1 - t0)
-        opt_s.append(t2 - t1)
-    return {"fb_ms": median_ms(fb_s[wl.warmup:]), "optim_ms": median_ms(opt_s[wl.warmup:]),
-            **train_summary([a + b for a, b in zip(fb_s, opt_s)], losses, wl)}
+    t0 = _sync(device)
+    tok, tgt = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
+    with lora.route(["bench"] * wl.batch):
+        lp = token_logprobs(model, tok, tgt)
+        lps = [lp[i] for i in range(wl.batch)]
+        inputs = [{"target_tokens": tgt[i], "weights": torch.ones(wl.seq, device=device)} for i in range(wl.batch)]
+        loss, elementwise, _ = compute_loss("cross_entropy", lps, inputs, {})
+        loss.backward()
+    outputs = [(x.detach().float().cpu(), e.detach().float().cpu()) for x, e in zip(lps, elementwise)]
+    t1 = _sync(device)
+    optimizer.step(ADAM)
+    t2 = _sync(device)
+    return t1 - t0, t2 - t1, -sum(float(x.sum()) for x, _ in outputs) / wl.train_tokens
+
+
+def _profile_train_step(model, lora, optimizer, wl: Workload, device, path: str) -> None:
+    """One more training step under torch.profiler; its operator table (by device time) goes to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _train_step(model, lora, optimizer, wl, device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
 
 
 def _inprocess_sample(model, lora, wl: Workload, device) -> dict:
@@ -603,6 +625,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="the report as JSON: on stdout instead of the table, or into FILE besides the table")
+    p.add_argument("--profile", metavar="FILE", help="after the timed in-process steps, profile one more and write "
+                   "torch.profiler's operator table (sorted by device time) to FILE")
     p.add_argument("--inprocess-spec", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -641,7 +665,7 @@ def measure(args: argparse.Namespace, wl: Workload, model_dir: str | None, base_
             if url:
                 runs["server"].append(run_sdk(url, args.api_key, base_model, wl))
             if model_dir and not args.no_inprocess:
-                runs["inprocess"].append(run_inprocess(model_dir, wl, args.dtype))
+                runs["inprocess"].append(run_inprocess(model_dir, wl, args.dtype, args.profile))
         if url and not args.no_probe:
             report["probe"] = run_probe(url, args.api_key, base_model, wl)
     finally:

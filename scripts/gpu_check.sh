@@ -11,8 +11,10 @@
 #   3. Qwen3-0.6B shape, bf16, in-process: train and sample tokens/s, MFU;
 #   4. Qwen3-0.6B shape, bf16: server through the SDK (its --dtype bfloat16 default on GPUs) vs in-process,
 #      overhead ratio and latency split;
-#   5. Qwen3-8B shape, bf16, in-process (its 33 GB fp32 checkpoint is written on the CPU in the background
-#      from the start).
+#   5. Qwen3-8B shape, bf16, in-process (its 16 GB bf16 checkpoint is written on the CPU in the background
+#      from the start), with a torch.profiler operator table of one step; then, if time is left, the same at
+#      twice the batch.
+# Results in $OUT: gpu_check.log, tp1_check.json, bench_*.json, profile_*.txt (at most 8 files come back).
 # A stage that fails or runs out of time is reported and the next one still runs; the exit code is that of
 # the correctness stage. GPU_CHECK_SMOKE=1 runs the same stages on the embedded tiny model with tiny workloads and
 # without installing wheels (to try the script itself on a CPU machine).
@@ -62,7 +64,7 @@ stage tp1_check 150 $PY scripts/tp1_reference.py --check --json "$OUT/tp1_check.
 
 BENCH=($PY scripts/bench_throughput.py --models-cache "$MODELS")
 stage bench_0.6b_bf16 120 "${BENCH[@]}" --json "$OUT/bench_0.6b_bf16.json" --no-server --shape "$SMALL" --dtype bf16 \
-  "${TRAIN_SMALL[@]}" --steps 5 "${SAMPLE_SMALL[@]}" --sample-rounds 2
+  "${TRAIN_SMALL[@]}" --steps 5 "${SAMPLE_SMALL[@]}" --sample-rounds 2 --profile "$OUT/profile_0.6b.txt"
 stage bench_0.6b_bf16_server 180 "${BENCH[@]}" --json "$OUT/bench_0.6b_bf16_server.json" --start-server --shape "$SMALL" \
   --dtype bf16 "${TRAIN_SMALL[@]}" --steps 4 "${SAMPLE_SMALL[@]}" --sample-rounds 2 --probe-steps 2
 
@@ -73,7 +75,12 @@ if kill -0 "$MAKE_BIG" 2>/dev/null; then
 else
   { echo "== make $BIG"; cat /tmp/gpu_check_make_big.log; } >> "$LOG"
   stage bench_8b_bf16 "$(left)" "${BENCH[@]}" --json "$OUT/bench_8b_bf16.json" --no-server --shape "$BIG" --dtype bf16 \
-    "${TRAIN_BIG[@]}" --steps 3 "${SAMPLE_BIG[@]}" --sample-rounds 1
+    "${TRAIN_BIG[@]}" --steps 3 "${SAMPLE_BIG[@]}" --sample-rounds 1 --profile "$OUT/profile_8b.txt"
+  if (( $(left) > 100 )); then
+    stage bench_8b_bf16_b4 "$(left)" "${BENCH[@]}" --json "$OUT/bench_8b_bf16_b4.json" --no-server --shape "$BIG" \
+      --dtype bf16 --batch $(( 2 * ${TRAIN_BIG[1]} )) "${TRAIN_BIG[@]:2}" --steps 3 --sample-requests 1 --prompt-tokens 8 \
+      --sample-tokens 4 --sample-rounds 1
+  fi
 fi
 
 echo "== summary"
@@ -81,7 +88,7 @@ $PY - "$OUT" <<'EOF' | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("bench_0.6b_bf16", "bench_0.6b_bf16_server", "bench_8b_bf16"):
+for name in ("bench_0.6b_bf16", "bench_0.6b_bf16_server", "bench_8b_bf16", "bench_8b_bf16_b4"):
     try:
         r = json.loads((out / f"{name}.json").read_text())
     except (OSError, ValueError):
@@ -90,7 +97,8 @@ for name in ("bench_0.6b_bf16", "bench_0.6b_bf16_server", "bench_8b_bf16"):
     inproc, server, mfu = r.get("inprocess", {}), r.get("server", {}), r.get("mfu", {})
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     print(f"{name:24} in-process train {inproc['train']['tokens_per_s']} tok/s (MFU {pct(mfu.get('inprocess'))}), "
-          f"sample {inproc['sample']['tokens_per_s']} tok/s, build {inproc['build_s']} s"
+          f"sample {inproc['sample']['tokens_per_s']} tok/s, build {inproc['build_s']} s, "
+          f"peak {inproc.get('peak_memory_gib', '-')} GiB"
           + (f"; server train {server['train']['tokens_per_s']} tok/s (MFU {pct(mfu.get('server'))}), "
              f"sample {server['sample']['tokens_per_s']} tok/s; overhead {r.get('overhead')}" if server else ""))
 EOF

@@ -197,10 +197,18 @@ def test_futures_survive_a_restart_and_pending_ones_fail_as_restarted(tiny_model
         raw = RawClient(second.url)
         assert raw.result(opt_id, timeout=10) == opt_json
         assert raw.result(fb_id, timeout=10) == fb_bytes
-        for request_id in (pending_id, busy_id):  # queued, and running, when the server stopped
-            restarted = raw.result(request_id, timeout=10)
-            assert isinstance(restarted, dict) and restarted.get("category") == "server", restarted
-            assert "server restarted" in restarted["error"], restarted
+        # Queued when the server stopped: it can never run, so it fails as restarted.
+        restarted = raw.result(pending_id, timeout=10)
+        assert isinstance(restarted, dict) and restarted.get("category") == "server", restarted
+        assert "server restarted" in restarted["error"], restarted
+        # Running when the server stopped: shutdown gives the worker a grace period, so the
+        # request either finished in it (its result was stored) or failed as restarted. Never pending.
+        busy = raw.result(busy_id, timeout=10)
+        if isinstance(busy, bytes):
+            assert len(busy) > 0 and b"loss:sum" in busy
+        else:
+            assert isinstance(busy, dict) and busy.get("category") == "server", busy
+            assert "server restarted" in busy["error"], busy
         _stop_gracefully(second, [worker_pid])
     finally:
         second.stop()
