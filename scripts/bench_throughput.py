@@ -71,7 +71,7 @@ SHAPES = {
                        tie_word_embeddings=True),
     "qwen3-8b": dict(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                      intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960,
-                     tie_word_embeddings=False, dtype="bfloat16"),  # 16 GB on disk instead of 33
+                     tie_word_embeddings=False, dtype="bfloat16", fast_init=True),  # 16 GB, written in ~1 min
 }
 # Dense peak TFLOP/s by GPU family and matmul dtype (fp32 = no TF32, torch's default).
 PEAK_TFLOPS = {"H100 PCIe": {"bf16": 756.0, "fp32": 51.2}, "H100": {"bf16": 989.4, "fp32": 66.9},

@@ -175,7 +175,7 @@ class LoraLinear(nn.Module):
         output, bias = self.base(input_, *args, **kwargs)
         for factors, rows in active:
             h = reduce_from_tensor_model_parallel_region(_rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t())
-            output = _add_rows(output, rows, factors.scale * (h @ factors.lora_B.t()))
+            output = _add_rows(output, rows, (factors.scale * h) @ factors.lora_B.t())  # scale the r-wide h
         return output, bias
 
     def _column_forward(self, input_, active, weight=None, runtime_gather_output=None):
@@ -183,7 +183,7 @@ class LoraLinear(nn.Module):
         output, bias = self.base(input_, weight, runtime_gather_output=False)
         for factors, rows in active:
             h = copy_to_tensor_model_parallel_region(_rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t())
-            output = _add_rows(output, rows, factors.scale * (h @ factors.lora_B.t()))
+            output = _add_rows(output, rows, (factors.scale * h) @ factors.lora_B.t())  # scale the r-wide h
         if gather:
             output = gather_from_tensor_model_parallel_region(output)
         return output, bias
