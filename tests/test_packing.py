@@ -130,6 +130,7 @@ def test_example_batch_packs_rows():
 # ---------------------------------------------------------------------------------------
 def _worker(out_path: str, model_dir: str, inputs_path: str) -> None:
     import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
 
     device = init_worker()
     from backends.common.losses import compute_loss
@@ -163,12 +164,14 @@ def _worker(out_path: str, model_dir: str, inputs_path: str) -> None:
         lp = token_logprobs(model, padded(tokens), padded(targets))
         unpacked = [lp[i, :n] for i, n in enumerate(lengths)]
         loss, _, _ = compute_loss("cross_entropy", unpacked, loss_inputs, {})
-        loss.backward()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as backward:
+            loss.backward()
         with torch.no_grad():
             unpacked_top_k = token_logprobs(model, padded(tokens), padded(top_k, TOP_K))
     results = {"unpacked": {
         "logprobs": [x.detach() for x in unpacked], "loss": loss.item(), "grads": grads(),
         "top_k": [unpacked_top_k[i, :n] for i, n in enumerate(lengths)],
+        "batched_products": [e.input_shapes for e in backward.events() if e.name == "aten::bmm"],
     }}
     with torch.no_grad(), manager.route([None] * len(tokens)):
         base = token_logprobs(model, padded(tokens), padded(targets))
@@ -259,6 +262,16 @@ def test_packed_matches_unpacked(packing_run):
     assert abs(packed["loss"] - unpacked["loss"]) <= 1e-5
     assert all(g.abs().max() > 1e-4 for g in unpacked["grads"].values()), "every factor gets a gradient"
     assert _grad_diff(packed["grads"], unpacked["grads"]) <= 1e-5
+
+
+def test_output_layer_backward_is_one_matrix_product(packing_run):
+    # The logits' gradient reaches the frozen output layer transposed; unless it is made
+    # contiguous, torch.matmul expands the weight over the sequence ([s, vocab, hidden]) and runs
+    # a batched product: most of a training step on a large-vocabulary model.
+    for tp, run in packing_run.items():
+        over_vocab = [shapes for shapes in run["unpacked"]["batched_products"]
+                      if any(VOCAB // tp in shape for shape in shapes)]
+        assert not over_vocab, f"TP={tp}: batched products over the vocabulary in backward: {over_vocab}"
 
 
 def test_tp2_packed_matches_tp1_unpacked(packing_run):
