@@ -108,6 +108,7 @@ class LoraLinear(nn.Module):
         if self.column_parallel and len(b_rows_by_rank) != tp_size():
             raise ValueError("a column-parallel LoraLinear needs B's row layout for every tp rank")
         self.b_rows_by_rank = b_rows_by_rank
+        self.tp = tp_size()  # at 1 the r-wide all-reduce / copy mappings are identities: skipped
         self.adapters: dict[str, LoraFactors] = {}  # not registered: the model's own state stays the base
         self.routing: tuple[int | None, list[tuple[str, torch.Tensor | None]]] | None = None
 
@@ -174,7 +175,9 @@ class LoraLinear(nn.Module):
             return self._column_forward(input_, active, *args, **kwargs)
         output, bias = self.base(input_, *args, **kwargs)
         for factors, rows in active:
-            h = reduce_from_tensor_model_parallel_region(_rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t())
+            h = _rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t()
+            if self.tp > 1:
+                h = reduce_from_tensor_model_parallel_region(h)
             output = _add_rows(output, rows, (factors.scale * h) @ factors.lora_B.t())  # scale the r-wide h
         return output, bias
 
@@ -182,7 +185,9 @@ class LoraLinear(nn.Module):
         gather = self.base.gather_output if runtime_gather_output is None else runtime_gather_output
         output, bias = self.base(input_, weight, runtime_gather_output=False)
         for factors, rows in active:
-            h = copy_to_tensor_model_parallel_region(_rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t())
+            h = _rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t()
+            if self.tp > 1:
+                h = copy_to_tensor_model_parallel_region(h)
             output = _add_rows(output, rows, (factors.scale * h) @ factors.lora_B.t())  # scale the r-wide h
         if gather:
             output = gather_from_tensor_model_parallel_region(output)
