@@ -265,14 +265,10 @@ class _Runner:
             kc[:, :, col0 : col0 + s] = k
             vc[:, :, col0 : col0 + s] = v
             keys, vals = kc[:, :, : col0 + s], vc[:, :, : col0 + s]
-            n_heads, n_groups = q.shape[2], keys.shape[1]
-            if n_heads != n_groups:
-                rep = n_heads // n_groups
-                keys = keys.repeat_interleave(rep, dim=1)
-                vals = vals.repeat_interleave(rep, dim=1)
-            ctx = F.scaled_dot_product_attention(
-                q.permute(1, 2, 0, 3), keys, vals, attn_mask=mask, scale=self.scale
-            )  # [b, np, s, d]
+            ctx = F.scaled_dot_product_attention(  # [b, np, s, d]; query heads read their group's K/V
+                q.permute(1, 2, 0, 3), keys, vals, attn_mask=mask, scale=self.scale,
+                enable_gqa=q.shape[2] != keys.shape[1],
+            )
             ctx = ctx.permute(2, 0, 1, 3).reshape(s, ctx.shape[0], -1)
             if gate is not None:
                 ctx = (ctx * torch.sigmoid(gate.reshape(ctx.shape).float())).to(ctx.dtype)
