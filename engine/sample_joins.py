@@ -8,8 +8,10 @@ Every rank must hand over the same items at the same step. Global rank 0 decides
 its inbox holds, and `agree` (a broadcast from rank 0) tells the other ranks how many items to
 take from theirs, which receive the same items in the same order. Order is kept: the first item
 that cannot join (another operation, or sampling of another base model) is kept aside in `stash`,
-to run right after the batch, and nothing more joins this batch. An item that joined is
-answered (`reply`) as soon as all its requests are done, not when the whole batch ends.
+to run right after the batch, and nothing more joins this batch. Every item of the batch,
+the one that started it (item 0) and each that joined (items 1, 2, ...), is answered (`reply`) as
+soon as all its requests are done, not when the whole batch ends: under a steady stream of joining
+requests a batch may run for as long as the stream lasts.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from engine.shm_queue import ShmQueue, tensor_bytes
 
 
 class SampleJoins:
-    def __init__(self, inbox: ShmQueue, outbox: ShmQueue, stash: deque, rank: int, agree: Callable[[int], int]) -> None:
+    def __init__(self, running: WorkItem, inbox: ShmQueue, outbox: ShmQueue, stash: deque, rank: int,
+                 agree: Callable[[int], int]) -> None:
         self.inbox, self.outbox, self.stash, self.rank, self.agree = inbox, outbox, stash, rank, agree
         self.closed = bool(stash)  # items already set aside come first: nothing may overtake them
-        self.joined: list[tuple[WorkItem, float]] = []  # (item, when it joined)
-        self.replied: set[int] = set()  # indices into `joined` already answered
+        self.items: list[tuple[WorkItem, float]] = [(running, time.time())]  # (item, when it started or joined)
+        self.replied: set[int] = set()  # indices into `items` already answered
 
     def take(self, can_join: Callable[[list[dict]], bool]) -> list[list[dict]]:
         """The request lists of the items that join now (a collective over all ranks)."""
@@ -53,15 +56,15 @@ class SampleJoins:
                 break
             taken.append(self.stash.popleft())
         now = time.time()
-        self.joined.extend((item, now) for item in taken)
+        self.items.extend((item, now) for item in taken)
         return [item.args["requests"] for item in taken]
 
     def reply(self, k: int, results: list) -> None:
-        """Answer joined item `k` (its index in the order items joined) now (from rank 0)."""
+        """Answer item `k` (0: the running one, then the joined ones in joining order) now, from rank 0."""
         self.replied.add(k)
         if self.rank == 0:
-            item, joined_at = self.joined[k]
+            item, started_at = self.items[k]
             reply = WorkResult(item.request_id, result=results)
-            reply.transport = Transport(result_bytes=tensor_bytes(results), started_at=joined_at,
-                                        finished_at=time.time(), joined=True)
+            reply.transport = Transport(result_bytes=tensor_bytes(results), started_at=started_at,
+                                        finished_at=time.time(), joined=k > 0)
             self.outbox.put(reply)

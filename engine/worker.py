@@ -43,7 +43,7 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
             _leave_process_group()
             return
         if item.op == "sample" and backend.joins_running_samples:
-            replies = run_sampling(backend, item, SampleJoins(inbox, outbox, stash, rank, backend.agree))
+            replies = run_sampling(backend, item, SampleJoins(item, inbox, outbox, stash, rank, backend.agree))
         else:
             replies = [run_item(backend, item)]
         if rank == 0:
@@ -71,11 +71,10 @@ def run_item(backend, item: WorkItem) -> WorkResult:
 
 
 def run_sampling(backend, item: WorkItem, joins: SampleJoins) -> list[WorkResult]:
-    """A sampling item, and the ones that join it while it runs: one reply each (joined items
-    that `joins` already answered get none here)."""
-    started = time.time()
+    """A sampling item, and the ones that join it while it runs: one reply each, except for the
+    items `joins` already answered while the batch ran."""
     reply = _run(backend, WorkItem(item.request_id, "sample", {**item.args, "joins": joins}))
-    items = [(item, started)] + joins.joined
+    items = joins.items
     finished = time.time()
     if reply.error is not None:
         replies = [WorkResult(it.request_id, error=reply.error, category=reply.category) for it, _ in items]
@@ -85,10 +84,10 @@ def run_sampling(backend, item: WorkItem, joins: SampleJoins) -> list[WorkResult
             n = len(it.args["requests"])
             replies.append(WorkResult(it.request_id, result=results[:n]))
             results = results[n:]
-    for n, (r, (_, joined_at)) in enumerate(zip(replies, items)):
-        r.transport = Transport(result_bytes=tensor_bytes(r.result), started_at=joined_at, finished_at=finished,
+    for n, (r, (_, started_at)) in enumerate(zip(replies, items)):
+        r.transport = Transport(result_bytes=tensor_bytes(r.result), started_at=started_at, finished_at=finished,
                                 joined=n > 0)
-    return [r for n, r in enumerate(replies) if n == 0 or n - 1 not in joins.replied]
+    return [r for n, r in enumerate(replies) if n not in joins.replied]
 
 
 def _run(backend, item: WorkItem) -> WorkResult:

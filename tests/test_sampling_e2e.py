@@ -316,3 +316,28 @@ def test_requests_arriving_during_a_long_sample_join_it_and_give_what_they_give_
         assert [s.tokens for s in got.sequences] == [s.tokens for s in alone.sequences]
         np.testing.assert_allclose([s.logprobs for s in got.sequences], [s.logprobs for s in alone.sequences],
                                    atol=1e-4)
+
+
+def test_the_request_that_started_a_batch_is_answered_before_a_longer_one_that_joined_it(server, trained):
+    """The first request of a batch does not wait for the batch to end: a long request that
+    joined it (the metrics count the join) is still running when the first one's result arrives."""
+    import time
+
+    from tests.test_metrics_e2e import _ops
+
+    _, sampler = trained
+
+    def joined() -> int:
+        return _ops(server).get("sample", {}).get("joined_items", 0)
+
+    before = joined()
+    first_params = types.SamplingParams(max_tokens=500, temperature=1.0, seed=3, stop=[])
+    first = sampler.sample(PROMPT, 1, first_params)
+    time.sleep(0.1)  # the first request's batch is decoding
+    long = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=1800, temperature=1.0, seed=8, stop=[]))
+    got = first.result()
+    assert not long.future().done(), "the first request waited for the long one that joined its batch"
+    assert len(long.result().sequences[0].tokens) == 1800
+    assert joined() > before  # counted once answered
+    alone = sampler.sample(PROMPT, 1, first_params).result()
+    assert got.sequences[0].tokens == alone.sequences[0].tokens

@@ -394,13 +394,15 @@ class MilesBackend(TrainingBackend):
             else:
                 by_base.setdefault(req["base_model"], []).append((i, _spec(req, adapter)))
         # Requests may join only a generation of the one base model this batch samples.
-        joined = _Joined(joins, self._resolve) if joins is not None and len(by_base) == 1 else None
+        joined = None
+        if joins is not None and len(by_base) == 1:
+            joined = _Joined(joins, self._resolve, results, [i for i, _ in next(iter(by_base.values()))])
         for name, specs in by_base.items():
             base, cache = self.bases[name], self.prefix_caches[name]
             cache.retain(lambda adapter: adapter is None or adapter in self.snapshots)  # evicted snapshots' K/V go too
             poll = on_done = None
             if joined is not None:
-                poll, on_done = functools.partial(joined.take, name), functools.partial(joined.done, len(specs))
+                poll, on_done = functools.partial(joined.take, name), joined.done
             outs = generate(base.model, [s for _, s in specs], decode=base.decode, route=base.lora.route,
                             prefix_cache=cache, poll=poll, on_done=on_done)
             for (i, _), out in zip(specs, outs):
@@ -409,13 +411,15 @@ class MilesBackend(TrainingBackend):
 
 
 class _Joined:
-    """The sampling requests that joined a running generation, item by item (`SampleJoins`):
-    each item is answered as soon as all its requests are done (or refused)."""
+    """The items of a running generation (`SampleJoins`): item 0, whose requests started it, then
+    the items whose requests joined it. Each item is answered as soon as all its requests are done
+    (or refused), so a short request does not wait for the longest one in its batch."""
 
-    def __init__(self, joins, resolve) -> None:
+    def __init__(self, joins, resolve, first: list[dict[str, Any] | None], first_slots: list[int]) -> None:
         self.joins, self.resolve = joins, resolve
-        self.items: list[list[dict[str, Any] | None]] = []  # per joined item: its requests' results
-        self.slots: list[tuple[int, int]] = []  # (item, request) of each joined spec, in spec order
+        # per item: its requests' results (item 0's refusals already filled in)
+        self.items: list[list[dict[str, Any] | None]] = [first]
+        self.slots: list[tuple[int, int]] = [(0, j) for j in first_slots]  # (item, request) of each spec, in spec order
 
     def take(self, base_model: str) -> list[SampleSpec]:
         """The specs of the requests that join now (a collective over all ranks)."""
@@ -432,19 +436,19 @@ class _Joined:
             self._answer_if_complete(k)  # every request refused: answered at once
         return new
 
-    def done(self, first_joined: int, si: int, out: SampleResult) -> None:
-        """Spec `si` of the generation finished; specs from `first_joined` on are joined ones."""
-        if si >= first_joined:
-            k, j = self.slots[si - first_joined]
-            self.items[k][j] = _sample_result(out)
-            self._answer_if_complete(k)
+    def done(self, si: int, out: SampleResult) -> None:
+        """Spec `si` of the generation finished."""
+        k, j = self.slots[si]
+        self.items[k][j] = _sample_result(out)
+        self._answer_if_complete(k)
 
     def _answer_if_complete(self, k: int) -> None:
         if all(r is not None for r in self.items[k]):
             self.joins.reply(k, self.items[k])
 
     def results(self) -> list[dict[str, Any] | None]:
-        return [r for item in self.items for r in item]
+        """The joined items' results (item 0's are the caller's list)."""
+        return [r for item in self.items[1:] for r in item]
 
 
 def _spec(req: dict[str, Any], adapter: str | None) -> SampleSpec:
