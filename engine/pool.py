@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -64,6 +65,11 @@ class WorkerPool:
         from engine import worker
 
         raise_open_file_limit()
+        # Transparent huge pages for torch's large CPU tensors: the workers inherit this process's
+        # environment (torch reads it once). A large-vocabulary model's logits are hundreds of MB
+        # per step, allocated and freed each time; with 4 KB pages that was millions of page
+        # faults a step (BENCHMARKS.md, finding 6). THP_MEM_ALLOC_ENABLE=0 turns it off.
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         port = _free_port()

@@ -417,7 +417,8 @@ def latency_split(probe: dict, inproc: dict) -> dict:
 # ---- in-process (subprocess with a torchrun environment, world size 1) --------------------
 def run_inprocess(model_dir: str, wl: Workload, dtype: str, profile: str | None = None) -> dict:
     spec = {"model_dir": model_dir, "workload": asdict(wl), "dtype": dtype, "profile": profile}
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+    env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ,  # as the server's workers get it (engine/pool.py)
+           "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, __file__, "--inprocess-spec", json.dumps(spec)], cwd=ROOT, env=env,

@@ -1,6 +1,8 @@
 """`python tinkercloud.py` with no model configured generates and serves the tiny default."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import tinker
 from tinker import types
 
@@ -21,5 +23,9 @@ def test_server_generates_and_serves_the_embedded_model(tmp_path):
                             loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
         assert trainer.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
         assert (tmp_path / "data" / "models" / "tiny-qwen3" / "tokenizer.json").is_file()
+        # its logits (151936 wide) are hundreds of MB a step: the workers allocate them in huge pages
+        for pid in srv.health()[1]["workers"]:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"THP_MEM_ALLOC_ENABLE=1" in environ, pid
     finally:
         srv.stop()
