@@ -717,6 +717,42 @@ def test_prefix_cache_bookkeeping():
     assert cache.tokens == 8 and cache.lookup("b", [7] * 8, limit=10) == (0, None)
 
 
+def test_prefix_cache_lookup_is_the_longest_prefix_over_all_entries():
+    # Entries are filed by (adapter, first token); a lookup must still find what comparing
+    # against every stored entry finds, through inserts, extensions and evictions.
+    import random
+
+    import numpy as np
+    import torch
+
+    from backends.miles.prefix_cache import PrefixCache
+
+    rng = random.Random(0)
+    cache = PrefixCache(max_tokens=300)
+    heads = [[1, 2, 3], [1, 2, 4], [5], [6, 7]]  # shared system-prompt-like starts
+
+    def seq():
+        return rng.choice(heads) + [rng.randrange(3) for _ in range(rng.randrange(0, 12))]
+
+    for step in range(400):
+        adapter = rng.choice(["a", "b", None])
+        tokens = seq()
+        if rng.random() < 0.5:
+            cache.insert(adapter, tokens, lambda n=len(tokens): [(torch.zeros(1, n, 2), torch.zeros(1, n, 2))])
+        limit = rng.randrange(1, 20)
+        want = 0
+        for entry in cache._entries.values():  # brute force over every stored entry
+            if entry.adapter == adapter:
+                common = 0
+                while common < min(len(entry.tokens), len(tokens)) and entry.tokens[common] == tokens[common]:
+                    common += 1
+                want = max(want, min(common, limit))
+        n, kv = cache.lookup(adapter, np.asarray(tokens), limit)
+        assert n == want, (step, adapter, tokens, limit)
+        assert (kv is None) == (n == 0) and (kv is None or kv[0][0].shape[1] >= n)
+    assert 0 < cache.tokens <= 300
+
+
 def test_tp2_matches_tp1(runs):
     tp2 = _launch("tp2", 2, runs["dir"])
     tp1 = runs["tp1"]

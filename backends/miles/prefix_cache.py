@@ -14,6 +14,8 @@ Memory is bounded by a token budget (`max_tokens`, default `DEFAULT_MAX_TOKENS` 
 base model and rank; one token costs 2 x layers x kv_groups x head_dim x dtype bytes), with
 least-recently-used entries evicted first. An entry that another entry extends is dropped
 (the longer one holds its K/V too), so repeated and growing prompts do not pile up copies.
+Entries are also filed by (adapter, first token): only those can share a prefix with a
+sequence, so a lookup or insert compares against them alone, not against every entry.
 Every TP rank sees the same requests in the same order, so all ranks make the same
 decisions.
 """
@@ -50,6 +52,7 @@ class PrefixCache:
     def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.max_tokens = max_tokens
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self._by_head: dict[tuple[str | None, int], set[int]] = {}  # (adapter, first token) -> entry ids
         self._next_id = 0
         self.tokens = 0  # tokens held, always <= max_tokens
 
@@ -61,11 +64,10 @@ class PrefixCache:
         tokens; `kv` holds at least n positions per layer. (0, None) when nothing matches."""
         want = np.asarray(prompt, dtype=np.int64)
         best, best_id = 0, None
-        for entry_id, entry in self._entries.items():
-            if entry.adapter == adapter:
-                n = min(_common_prefix(entry.tokens, want), limit)
-                if n > best:
-                    best, best_id = n, entry_id
+        for entry_id in self._same_head(adapter, want):
+            n = min(_common_prefix(self._entries[entry_id].tokens, want), limit)
+            if n > best:
+                best, best_id = n, entry_id
         if best_id is None:
             return 0, None
         self._entries.move_to_end(best_id)
@@ -77,9 +79,8 @@ class PrefixCache:
         seq = np.asarray(tokens, dtype=np.int64)
         if len(seq) == 0 or len(seq) > self.max_tokens:
             return
-        for entry_id, entry in list(self._entries.items()):
-            if entry.adapter != adapter:
-                continue
+        for entry_id in self._same_head(adapter, seq):
+            entry = self._entries[entry_id]
             shared = _common_prefix(entry.tokens, seq)
             if shared == len(seq):  # an existing entry already covers these tokens
                 self._entries.move_to_end(entry_id)
@@ -87,6 +88,7 @@ class PrefixCache:
             if shared == len(entry.tokens):  # the new entry covers this one
                 self._drop(entry_id)
         self._entries[self._next_id] = _Entry(adapter, seq, kv())
+        self._by_head.setdefault((adapter, int(seq[0])), set()).add(self._next_id)
         self._next_id += 1
         self.tokens += len(seq)
         while self.tokens > self.max_tokens:
@@ -97,5 +99,16 @@ class PrefixCache:
         for entry_id in [i for i, e in self._entries.items() if not keep(e.adapter)]:
             self._drop(entry_id)
 
+    def _same_head(self, adapter: str | None, tokens: np.ndarray) -> list[int]:
+        """The ids of the entries under `adapter` that start with `tokens[0]`, least recently used
+        first (the order in which every entry used to be compared)."""
+        same = self._by_head.get((adapter, int(tokens[0]))) if len(tokens) else None
+        return [i for i in self._entries if i in same] if same else []
+
     def _drop(self, entry_id: int) -> None:
-        self.tokens -= len(self._entries.pop(entry_id).tokens)
+        entry = self._entries.pop(entry_id)
+        self.tokens -= len(entry.tokens)
+        head = (entry.adapter, int(entry.tokens[0]))
+        self._by_head[head].discard(entry_id)
+        if not self._by_head[head]:
+            del self._by_head[head]
