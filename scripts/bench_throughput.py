@@ -64,6 +64,7 @@ ADAM = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weigh
 # Random-init Qwen3 shapes (keyword arguments of scripts/make_tiny_model.make_tiny_model).
 SHAPES = {
     "embedded": {},  # what the server generates when no model is configured (make_tiny_model's defaults)
+    "embedded-random": dict(weights=False),  # its config only: in-process runs draw random weights
     "cpu-mid": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=1536,
                     vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True),
     "qwen3-0.6b": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
@@ -71,7 +72,7 @@ SHAPES = {
                        tie_word_embeddings=True),
     "qwen3-8b": dict(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                      intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960,
-                     tie_word_embeddings=False, dtype="bfloat16", fast_init=True),  # 16 GB, written in ~1 min
+                     tie_word_embeddings=False, weights=False),  # config only: random weights drawn on the device
 }
 # Dense peak TFLOP/s by GPU family and matmul dtype (fp32 = no TF32, torch's default).
 PEAK_TFLOPS = {"H100 PCIe": {"bf16": 756.0, "fp32": 51.2}, "H100": {"bf16": 989.4, "fp32": 66.9},
@@ -165,6 +166,11 @@ def make_shape(shape: str, models_dir: Path) -> str:
     from scripts.make_tiny_model import make_tiny_model
 
     return make_tiny_model(str(models_dir / shape), "qwen3", **SHAPES[shape])
+
+
+def has_weights(model_dir: str) -> bool:
+    """Whether the checkpoint holds weights (a shape written with weights=False has only its config)."""
+    return any(Path(model_dir).glob("*.safetensors"))
 
 
 def default_name(shape: str) -> str:
@@ -439,7 +445,8 @@ def inprocess_main(spec: dict) -> dict:
     wl = Workload(**spec["workload"])
     device = init_distributed(ParallelDims(tp=1))
     t0 = time.perf_counter()
-    model = build_model(spec["model_dir"], device, torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32)
+    model = build_model(spec["model_dir"], device, torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32,
+                        random_weights=not has_weights(spec["model_dir"]))
     lora = LoraManager(model)
     lora.add_adapter("bench", wl.rank, LORA_ALPHA, train_unembed=wl.train_unembed, seed=0)
     optimizer = AdapterOptimizer(lora.adapter_params("bench"), parallel_state.get_tensor_model_parallel_group())
@@ -658,6 +665,8 @@ def measure(args: argparse.Namespace, wl: Workload, model_dir: str | None, base_
     """Server and in-process runs alternate `--repeats` times, so load drift hits both alike."""
     server = None
     if args.start_server and not args.no_server:
+        if not has_weights(model_dir):
+            sys.exit(f"{model_dir} holds no weights (a shape for in-process runs with random weights): add --no-server")
         server = Server(args.api_key, base_model, model_dir, args.workers, args.dtype).start()
     url = None if args.no_server else server.url if server else args.url
     runs: dict[str, list[dict]] = {"server": [], "inprocess": []}

@@ -171,15 +171,13 @@ def make_tiny_model(
     max_position_embeddings: int = 2048,
     tie_word_embeddings: bool = False,
     seed: int = 0,
-    dtype: str = "float32",
-    fast_init: bool = False,
+    weights: bool = True,
 ) -> str:
     """Write a random-init checkpoint plus tokenizer to `out_dir` (atomically) and return `out_dir`.
 
-    Does nothing if `out_dir` already holds a config.json. `dtype` is the weights' type in the
-    files. `fast_init` skips building the HF model: every matrix is N(0, 0.02) and every norm 1,
-    drawn tensor by tensor and written in 4 GB shards (for benchmark shapes of billions of
-    weights, where the HF model's own init takes minutes).
+    Does nothing if `out_dir` already holds a config.json. `weights=False` writes no weights at
+    all, only the config and tokenizer: a model shape for `build_model(..., random_weights=True)`
+    (benchmark shapes of billions of weights, whose random init and files would take minutes).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -203,7 +201,7 @@ def make_tiny_model(
         bos_token_id=PAD_TOKEN_ID,
         eos_token_id=EOS_TOKEN_ID,
         pad_token_id=PAD_TOKEN_ID,
-        torch_dtype=dtype,
+        torch_dtype="float32",
         **ARCH_SETTINGS[arch],
     )
     generation_config = GenerationConfig(
@@ -212,18 +210,13 @@ def make_tiny_model(
     staging = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        if fast_init:
-            with torch.device("meta"):
-                shapes = {k: v.shape for k, v in model_cls(config).state_dict().items()}
-            if tie_word_embeddings:
-                shapes.pop("lm_head.weight", None)
-            _write_random_shards(staging, shapes, getattr(torch, dtype), seed)
+        if not weights:
             config.architectures = [model_cls.__name__]
             config.save_pretrained(staging)
             generation_config.save_pretrained(staging)
         else:
             torch.manual_seed(seed)
-            model = model_cls(config).to(getattr(torch, dtype))
+            model = model_cls(config).to(torch.float32)
             model.generation_config = generation_config
             model.save_pretrained(staging, safe_serialization=True)
         build_qwen_tokenizer(staging)
@@ -235,38 +228,6 @@ def make_tiny_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
-
-
-def _write_random_shards(out_dir: str, shapes: dict, dtype, seed: int, shard_bytes: int = 4 << 30) -> None:
-    """safetensors shards plus their index: norm weights 1, everything else N(0, 0.02)."""
-    import torch
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = shape.numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name in names:
-            if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shapes[name], dtype=dtype)
-            else:
-                tensors[name] = torch.empty(shapes[name], dtype=dtype).normal_(0.0, 0.02, generator=generator)
-            weight_map[name] = file
-            total += tensors[name].numel() * dtype.itemsize
-        save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    Path(out_dir, "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,14 +53,16 @@ class ModelInfo:
 
 
 def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.dtype = torch.float32,
-                recompute: str = "none") -> GPTModel:
+                recompute: str = "none", random_weights: bool = False) -> GPTModel:
     """This rank's shard of the HF model as an mcore GPTModel, base weights frozen.
 
     Needs `parallel.init_distributed` first. The shard is this rank's tensor-parallel slice of
     its pipeline stage (the embedding on the first stage, final norm and output layer on the
     last). When tp does not divide the vocabulary, the embedding and output layer get zero rows
     up to the next multiple of tp; `token_logprobs` masks them out
-    (`model.unpadded_vocab_size` records the real size).
+    (`model.unpadded_vocab_size` records the real size). `random_weights` skips the checkpoint
+    (only its config.json is read): every matrix N(0, 0.02), every norm 1, drawn on `device`, for
+    throughput benchmarks of a model shape whose weights do not matter.
     """
     config, gpt_kwargs = transformer_config_from_hf(
         read_hf_config(model_dir), tensor_parallel_size=tp_size(), pipeline_parallel_size=pp_size(), dtype=dtype,
@@ -75,7 +77,16 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention
     model = GPTModel(config, spec, vocab_size=padded_vocab, pre_process=is_first_stage(),
                      post_process=is_last_stage(), **gpt_kwargs)
-    load_hf_weights(model, model_dir)
+    if random_weights:
+        model.to(device)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("layernorm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02)
+    else:
+        load_hf_weights(model, model_dir)
     model.requires_grad_(False)
     if recompute == "full" and model.pre_process:
         # A recomputed layer only gets gradients if its input requires them, and the frozen
