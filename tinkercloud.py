@@ -94,7 +94,7 @@ def create_app(config: Config) -> web.Application:
         spec = WorkerSpec(config.backend, {m.name: str(Path(m.path).resolve()) for m in models},
                           str(Path(config.data_dir).resolve()), dims.world_size, dims.tp, dims.pp, config.dtype,
                           config.recompute)
-        pool = WorkerPool(spec)
+        pool = WorkerPool(spec, reserved_ports=frozenset({config.port}))
         futures = FutureStore(config.futures_path)
         try:
             await pool.start()

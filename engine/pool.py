@@ -41,15 +41,21 @@ class WorkerSpec:
     recompute: str = "none"  # activation recomputation (Config.recompute)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(avoid: frozenset[int] = frozenset()) -> int:
+    """A loopback port free now, not one of `avoid` (ports this process is about to bind)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 class WorkerPool:
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, reserved_ports: frozenset[int] = frozenset()) -> None:
         self.spec = spec
+        # the server's own port, bound only after the workers start: never their rendezvous port
+        self.reserved_ports = reserved_ports
         self.models: dict[str, dict[str, Any]] = {}
         self.failure: str | None = None  # set once a rank has died
         self._inbox = [ShmQueue(numpy_out=False) for _ in range(spec.world_size)]
@@ -72,7 +78,7 @@ class WorkerPool:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
-        port = _free_port()
+        port = _free_port(self.reserved_ports)
         for rank in range(self.spec.world_size):
             env = {
                 "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.spec.world_size),

@@ -38,7 +38,20 @@ class ServerProcess:
         self.log_path = self.data_dir / log_name
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "ServerProcess":
+    def start(self, timeout: float = 180, attempts: int = 3) -> "ServerProcess":
+        """Start the server; if another process took its port in the meantime, again on a new one."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except RuntimeError as e:
+                if "address already in use" not in str(e) or attempt == attempts - 1:
+                    raise
+                self.stop()
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "ServerProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(ROOT / "tinkercloud.py"), "--host", "127.0.0.1", "--port", str(self.port),
                "--data-dir", str(self.data_dir), "--workers", str(self.workers), "--api-key", API_KEY]
