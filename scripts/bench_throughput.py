@@ -421,8 +421,10 @@ def latency_split(probe: dict, inproc: dict) -> dict:
 
 
 # ---- in-process (subprocess with a torchrun environment, world size 1) --------------------
-def run_inprocess(model_dir: str, wl: Workload, dtype: str, profile: str | None = None) -> dict:
-    spec = {"model_dir": model_dir, "workload": asdict(wl), "dtype": dtype, "profile": profile}
+def run_inprocess(model_dir: str, wl: Workload, dtype: str, profile: str | None = None,
+                  lora_compute: str = "fp32") -> dict:
+    spec = {"model_dir": model_dir, "workload": asdict(wl), "dtype": dtype, "profile": profile,
+            "lora_compute": lora_compute}
     env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ,  # as the server's workers get it (engine/pool.py)
            "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -445,14 +447,15 @@ def inprocess_main(spec: dict) -> dict:
     wl = Workload(**spec["workload"])
     device = init_distributed(ParallelDims(tp=1))
     t0 = time.perf_counter()
-    model = build_model(spec["model_dir"], device, torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32,
-                        random_weights=not has_weights(spec["model_dir"]))
-    lora = LoraManager(model)
+    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+    model = build_model(spec["model_dir"], device, dtype, random_weights=not has_weights(spec["model_dir"]))
+    lora = LoraManager(model, compute_dtype=dtype if spec.get("lora_compute") == "base" else torch.float32)
     lora.add_adapter("bench", wl.rank, LORA_ALPHA, train_unembed=wl.train_unembed, seed=0)
     optimizer = AdapterOptimizer(lora.adapter_params("bench"), parallel_state.get_tensor_model_parallel_group())
     build_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    report = {"device": name, "dtype": spec["dtype"], "build_s": round(build_s, 1),
+    report = {"device": name, "dtype": spec["dtype"], "lora_compute": spec.get("lora_compute", "fp32"),
+              "build_s": round(build_s, 1),
               "train": _inprocess_train(model, lora, optimizer, wl, device)}
     if device.type == "cuda":
         report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -574,8 +577,9 @@ def table(report: dict) -> str:
     if inproc:
         m = report.get("mfu") or {}
         shown = lambda v: "n/a (no GPU peak known)" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-        lines.append(f"in-process: {inproc['device']}, {inproc['dtype']}, model built in {inproc['build_s']} s; "
-                     f"MFU in-process {shown(m.get('inprocess'))}, server {shown(m.get('server'))}")
+        lora = inproc.get("lora_compute", "fp32")
+        lines.append(f"in-process: {inproc['device']}, {inproc['dtype']} (LoRA products in {lora}), model built in "
+                     f"{inproc['build_s']} s; MFU in-process {shown(m.get('inprocess'))}, server {shown(m.get('server'))}")
     for name, side in (("server", server), ("in-process", inproc)):
         if side.get("train"):
             lines.append(f"training sanity ({name}): mean NLL {side['train']['mean_nll_first']} -> "
@@ -633,6 +637,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="the report as JSON: on stdout instead of the table, or into FILE besides the table")
+    p.add_argument("--lora-compute", choices=("fp32", "base"), default="fp32",
+                   help="in-process only: the LoRA products in float32 (the server's way) or in the base weights' "
+                        "dtype (factors and optimizer state stay float32)")
     p.add_argument("--profile", metavar="FILE", help="after the timed in-process steps, profile one more and write "
                    "torch.profiler's operator table (sorted by device time) to FILE")
     p.add_argument("--inprocess-spec", help=argparse.SUPPRESS)
@@ -675,7 +682,7 @@ def measure(args: argparse.Namespace, wl: Workload, model_dir: str | None, base_
             if url:
                 runs["server"].append(run_sdk(url, args.api_key, base_model, wl))
             if model_dir and not args.no_inprocess:
-                runs["inprocess"].append(run_inprocess(model_dir, wl, args.dtype, args.profile))
+                runs["inprocess"].append(run_inprocess(model_dir, wl, args.dtype, args.profile, args.lora_compute))
         if url and not args.no_probe:
             report["probe"] = run_probe(url, args.api_key, base_model, wl)
     finally:

@@ -10,11 +10,11 @@
 #      worker (fp32), compared with the CPU reference values in scripts/tp1_reference.json;
 #   3. Qwen3-8B shape, bf16, in-process with random weights drawn on the GPU (no checkpoint to write or
 #      read: the shape's folder holds its config only), with a torch.profiler operator table of one step;
-#      then, if time is left, the same at twice the batch;
+#      then the same with the LoRA products in bf16 (`--lora-compute base`), then at twice the batch;
 #   4. Qwen3-0.6B shape, bf16, in-process: train and sample tokens/s, MFU;
 #   5. Qwen3-0.6B shape, bf16: server through the SDK (its --dtype bfloat16 default on GPUs) vs in-process,
 #      overhead ratio and latency split.
-# Results in $OUT: gpu_check.log, tp1_check.json, bench_*.json, profile_*.txt (at most 8 files come back).
+# Results in $OUT: gpu_check.log, tp1_check.json, 5 bench_*.json, profile_8b.txt (at most 8 files come back).
 # A stage that fails or runs out of time is reported and the next one still runs; the exit code is that of
 # the correctness stage. GPU_CHECK_SMOKE=1 runs the same stages on the embedded tiny model with tiny workloads and
 # without installing wheels (to try the script itself on a CPU machine).
@@ -61,12 +61,15 @@ stage tp1_check 150 $PY scripts/tp1_reference.py --check --json "$OUT/tp1_check.
 BENCH=($PY scripts/bench_throughput.py --models-cache "$MODELS")
 stage bench_8b_bf16 150 "${BENCH[@]}" --json "$OUT/bench_8b_bf16.json" --no-server --shape "$BIG" --dtype bf16 \
   "${TRAIN_BIG[@]}" --steps 3 "${SAMPLE_BIG[@]}" --sample-rounds 1 --profile "$OUT/profile_8b.txt"
+stage bench_8b_bf16_lora16 90 "${BENCH[@]}" --json "$OUT/bench_8b_bf16_lora16.json" --no-server --shape "$BIG" \
+  --dtype bf16 --lora-compute base "${TRAIN_BIG[@]}" --steps 3 --sample-requests 1 --prompt-tokens 8 --sample-tokens 4 \
+  --sample-rounds 1
 stage bench_8b_bf16_b4 90 "${BENCH[@]}" --json "$OUT/bench_8b_bf16_b4.json" --no-server --shape "$BIG" \
   --dtype bf16 --batch $(( 2 * ${TRAIN_BIG[1]} )) "${TRAIN_BIG[@]:2}" --steps 3 --sample-requests 1 --prompt-tokens 8 \
   --sample-tokens 4 --sample-rounds 1
 
 stage bench_0.6b_bf16 120 "${BENCH[@]}" --json "$OUT/bench_0.6b_bf16.json" --no-server --shape "$SMALL" --dtype bf16 \
-  "${TRAIN_SMALL[@]}" --steps 5 "${SAMPLE_SMALL[@]}" --sample-rounds 1 --profile "$OUT/profile_0.6b.txt"
+  "${TRAIN_SMALL[@]}" --steps 5 "${SAMPLE_SMALL[@]}" --sample-rounds 1
 stage bench_0.6b_bf16_server 180 "${BENCH[@]}" --json "$OUT/bench_0.6b_bf16_server.json" --start-server --shape "$SMALL" \
   --dtype bf16 "${TRAIN_SMALL[@]}" --steps 4 "${SAMPLE_SMALL[@]}" --sample-rounds 1 --probe-steps 2
 
@@ -75,7 +78,7 @@ $PY - "$OUT" <<'EOF' | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("bench_0.6b_bf16", "bench_0.6b_bf16_server", "bench_8b_bf16", "bench_8b_bf16_b4"):
+for name in ("bench_0.6b_bf16", "bench_0.6b_bf16_server", "bench_8b_bf16", "bench_8b_bf16_lora16", "bench_8b_bf16_b4"):
     try:
         r = json.loads((out / f"{name}.json").read_text())
     except (OSError, ValueError):

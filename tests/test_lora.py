@@ -127,9 +127,32 @@ def _worker(out_path: str, model_dir: str, inputs_path: str) -> None:
     }
     if tp_size() == 1:
         results.update(_single_process_scenarios(model, manager, logprobs, backward, full_grads, zero_grads))
+        results["bf16"] = _bf16_compute_scenario(model_dir, device, inputs)
     if tp_rank() == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
+
+
+def _bf16_compute_scenario(model_dir: str, device, inputs: dict) -> dict:
+    """A bf16 base model with the adapter's products in float32 (the server's way) and in
+    bf16 (`compute_dtype`): logprobs and float32 gradients of both."""
+    import torch
+
+    from backends.miles.lora import LoraManager
+    from backends.miles.model import build_model, token_logprobs
+
+    out = {}
+    for name, compute in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = build_model(model_dir, device, torch.bfloat16)
+        manager = LoraManager(model, compute_dtype=compute)
+        manager.load_adapter_state("lora", manager.shard_full_state(inputs["states"]["lora"]), rank=RANK, alpha=ALPHA)
+        with manager.route(["lora", "lora"]):
+            lp = token_logprobs(model, inputs["tokens"][:2], inputs["targets"][:2])
+            (lp * inputs["weights"][:2]).sum().backward()
+        grads = {key: param.grad for key, param, _ in manager.adapter_params("lora")}
+        out[name] = {"logprobs": lp.detach(), "grads": manager.gather_full_state(grads),
+                     "grad_dtypes": {str(g.dtype) for g in grads.values()}}
+    return out
 
 
 def _single_process_scenarios(model, manager, logprobs, backward, full_grads, zero_grads) -> dict:
@@ -193,6 +216,19 @@ def lora_run(tmp_path_factory):
 def _max_diff(a: dict, b: dict) -> float:
     assert sorted(a) == sorted(b)
     return max((a[key] - b[key]).abs().max().item() for key in a)
+
+
+def test_lora_products_in_bf16_stay_close_and_keep_float32_gradients(lora_run):
+    # The benchmark's `--lora-compute base`: on a bf16 model the adapter's products may run in
+    # bf16; the factors' gradients stay float32 and near the float32-product ones.
+    _, _, results = lora_run
+    fp32, bf16 = results[1]["bf16"]["fp32"], results[1]["bf16"]["bf16"]
+    assert fp32["grad_dtypes"] == bf16["grad_dtypes"] == {"torch.float32"}
+    assert (fp32["logprobs"] - bf16["logprobs"]).abs().max().item() < 0.15  # bf16's spacing is 1/16 at 8..16
+    assert (fp32["logprobs"] - bf16["logprobs"]).abs().max().item() > 0  # the option takes effect
+    for key in fp32["grads"]:
+        a, b = fp32["grads"][key], bf16["grads"][key]
+        assert (a - b).norm() <= 0.05 * a.norm(), key
 
 
 def test_new_adapter_is_a_no_op(lora_run):

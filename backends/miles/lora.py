@@ -110,6 +110,7 @@ class LoraLinear(nn.Module):
         self.b_rows_by_rank = b_rows_by_rank
         self.tp = tp_size()  # at 1 the r-wide all-reduce / copy mappings are identities: skipped
         self.fast_base = self.tp == 1 and base.bias is None
+        self.compute_dtype = FACTOR_DTYPE  # the LoRA products' dtype (LoraManager's compute_dtype)
         self.adapters: dict[str, LoraFactors] = {}  # not registered: the model's own state stays the base
         self.routing: tuple[int | None, list[tuple[str, torch.Tensor | None]]] | None = None
 
@@ -176,23 +177,31 @@ class LoraLinear(nn.Module):
             return self._column_forward(input_, active, *args, **kwargs)
         output, bias = self._base(input_, *args, **kwargs)
         for factors, rows in active:
-            h = _rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t()
+            h = self._down(input_, rows, factors)
             if self.tp > 1:
                 h = reduce_from_tensor_model_parallel_region(h)
-            output = _add_rows(output, rows, (factors.scale * h) @ factors.lora_B.t())  # scale the r-wide h
+            output = _add_rows(output, rows, self._up(h, factors))
         return output, bias
 
     def _column_forward(self, input_, active, weight=None, runtime_gather_output=None):
         gather = self.base.gather_output if runtime_gather_output is None else runtime_gather_output
         output, bias = self._base(input_, weight, runtime_gather_output=False)
         for factors, rows in active:
-            h = _rows(input_, rows).to(FACTOR_DTYPE) @ factors.lora_A.t()
+            h = self._down(input_, rows, factors)
             if self.tp > 1:
                 h = copy_to_tensor_model_parallel_region(h)
-            output = _add_rows(output, rows, (factors.scale * h) @ factors.lora_B.t())  # scale the r-wide h
+            output = _add_rows(output, rows, self._up(h, factors))
         if gather:
             output = gather_from_tensor_model_parallel_region(output)
         return output, bias
+
+    def _down(self, input_: torch.Tensor, rows: torch.Tensor | None, factors: LoraFactors) -> torch.Tensor:
+        """A x for the routed rows, in `compute_dtype` (the factors stay float32; a cast is a no-op then)."""
+        return _rows(input_, rows).to(self.compute_dtype) @ factors.lora_A.to(self.compute_dtype).t()
+
+    def _up(self, h: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
+        """scale * B h (the r-wide h is scaled, not the full-width product)."""
+        return (factors.scale * h) @ factors.lora_B.to(self.compute_dtype).t()
 
     def _base(self, input_: torch.Tensor, weight: torch.Tensor | None = None, **kwargs):
         """The base layer. Without gradients at tp=1 and without bias, its one product is done
@@ -238,7 +247,11 @@ class AdapterConfig:
 class LoraManager:
     """The adapters of one model: wraps its target linears once, then adds/removes/routes."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = FACTOR_DTYPE):
+        """`compute_dtype`: the dtype of the LoRA products (the factors, their gradients and the
+        optimizer state stay float32). float32 keeps every number of a float32 reference; the base
+        weights' bfloat16 skips casting each activation to float32 and back (a benchmark option,
+        `bench_throughput.py --lora-compute base`)."""
         self.model = model
         self.device = next(model.parameters()).device
         self.modules: dict[str, LoraLinear] = {}
@@ -247,6 +260,7 @@ class LoraManager:
             if leaf in TARGET_GROUPS and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 rows = _b_rows_by_rank(leaf, module, model.config) if isinstance(module, ColumnParallelLinear) else None
                 wrapped = LoraLinear(module, self.device, rows)
+                wrapped.compute_dtype = compute_dtype
                 setattr(model.get_submodule(parent_path), leaf, wrapped)
                 self.modules[_global_path(model, path)] = wrapped
         if not self.modules:
