@@ -163,11 +163,17 @@ def stamped(meta: dict[str, Any], now: float) -> dict[str, Any]:
     return {**meta, "created_at": now, "expires_at": None if ttl is None else now + ttl}
 
 
+def write_json(path: Path, value: Any) -> None:
+    """Write `path` in one step (a temporary file beside it, then a rename): a reader finds the
+    whole old or the whole new content, never part of it."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     """Replace a checkpoint's metadata file in one step."""
-    tmp = folder / f".{META_FILE}.{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / META_FILE)
+    write_json(folder / META_FILE, meta)
 
 
 class Registry:

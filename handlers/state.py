@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import uuid
 from collections import OrderedDict
@@ -19,7 +18,7 @@ from engine.config import Config
 from engine.futures import FutureStore
 from engine.messages import UserError
 from engine.pool import WorkerPool
-from engine.registry import Registry
+from engine.registry import Registry, write_json
 from engine.scheduler import Scheduler
 
 MAX_LOADED_LOSSES = 4096
@@ -96,9 +95,7 @@ class CustomLossStore:
     def _write(self, loss_id: str, record: dict[str, Any]) -> None:
         """Write the file in one step: a reader finds the whole record or none."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{loss_id}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self._file(loss_id))
+        write_json(self._file(loss_id), record)
 
     def _read(self, loss_id: str) -> StoredLoss | None:
         """The stored loss from its file (parsed again), or None if there is no such loss."""

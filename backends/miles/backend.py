@@ -29,7 +29,7 @@ from backends.miles.model import ModelInfo, build_model
 from backends.miles import packing, schedule
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
                                      from_rank_0, gather_in_rank_order, gather_shares, init_distributed, least_over_ranks,
-                                     union_over_ranks, is_global_rank_0, merge_metrics,
+                                     raise_first_failure, union_over_ranks, is_global_rank_0, merge_metrics,
                                      merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
 from backends.miles.schedule import MicroBatch
 from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
@@ -211,9 +211,7 @@ class MilesBackend(TrainingBackend):
         if Path(path).exists() and not overwrite:
             exists = UserError(f"checkpoint {meta['tinker_path']} already exists; save under another name "
                                "or pass overwrite=True")
-        exists = first_failure(exists)  # every rank stops, or none (a delete may land between two ranks' checks)
-        if exists is not None:
-            raise exists
+        raise_first_failure(exists)  # every rank stops, or none (a delete may land between two ranks' checks)
         optimizer = self._full_moments(run) if with_optimizer else None  # collective
         self._write_checkpoint(run, model_id, Path(path), meta, optimizer)
         return {"path": path}
@@ -348,9 +346,7 @@ class MilesBackend(TrainingBackend):
             error = e
         finally:
             self._in_use.clear()
-        error = first_failure(error)
-        if error is not None:
-            raise error
+        raise_first_failure(error)
         return gather_in_rank_order(results)
 
     def agree(self, value: int) -> int:
@@ -375,9 +371,7 @@ class MilesBackend(TrainingBackend):
                     loaded_now[i] = adapters[i]
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
-        error = first_failure(error)
-        if error is not None:
-            raise error
+        raise_first_failure(error)
         refused = union_over_ranks(refused)
         for i in refused.keys() & loaded_now.keys():  # refused elsewhere: keep the ranks' snapshots equal
             self._forget_snapshot(loaded_now[i])
@@ -405,8 +399,9 @@ class MilesBackend(TrainingBackend):
                 poll, on_done = functools.partial(joined.take, name), joined.done
             outs = generate(base.model, [s for _, s in specs], decode=base.decode, route=base.lora.route,
                             prefix_cache=cache, poll=poll, on_done=on_done)
-            for (i, _), out in zip(specs, outs):
-                results[i] = _sample_result(out)
+            if joined is None:  # else `joined.done` already filled `results` in, spec by spec
+                for (i, _), out in zip(specs, outs):
+                    results[i] = _sample_result(out)
         return results + (joined.results() if joined is not None else [])
 
 

@@ -13,10 +13,11 @@ pipeline stage, and global rank 0 (which answers the server) is on the first sta
 code never touches this.
 
 Helpers for one forward_backward: `data_parallel_share` (this rank's contiguous slice of the
-batch), `first_failure` (every rank learns whether any rank failed, so no rank waits in a
-collective the others never reach), `gather_shares` (every DP rank's per-datum outputs and
-metrics, in rank order, on DP rank 0), `to_first_stage` (the last stage's result to global
-rank 0) and `merge_over_stages` (dicts each stage holds part of, e.g. adapter state).
+batch), `first_failure` / `raise_first_failure` (every rank learns whether any rank failed,
+so no rank waits in a collective the others never reach), `gather_shares` (every DP rank's
+per-datum outputs and metrics, in rank order, on DP rank 0), `to_first_stage` (the last
+stage's result to global rank 0) and `merge_over_stages` (dicts each stage holds part of,
+e.g. adapter state).
 Gradients are summed over DP by `backends.common.optimizer.AdapterOptimizer` at the
 optimizer step.
 
@@ -231,6 +232,13 @@ def first_failure(error: BaseException | None) -> BaseException | None:
     first = min(reports)
     is_user, described, message = reports[first]
     return UserError(message) if is_user else RuntimeError(f"rank {first} failed: {described}")
+
+
+def raise_first_failure(error: BaseException | None) -> None:
+    """Raise `first_failure(error)` on every rank if any rank failed; return on all if none did."""
+    error = first_failure(error)
+    if error is not None:
+        raise error
 
 
 def from_rank_0(value: int, device) -> int:

@@ -656,7 +656,7 @@ def generate(
     if max_batch_rows < 1:
         raise ValueError("max_batch_rows must be >= 1")
     specs = list(specs)
-    rows: list[_Row] = []
+    spec_rows: list[list[_Row]] = []  # per spec, its rows in sample order
     max_len = int(getattr(model, "max_sequence_length", 1 << 30))
     vocab = int(getattr(model, "unpadded_vocab_size", model.vocab_size))
 
@@ -669,11 +669,10 @@ def generate(
             g = torch.Generator(device="cpu")
             g.manual_seed(_row_seed(spec.seed, k))
             made.append(_Row(si, k, spec, budget, g))
-        rows.extend(made)
+        spec_rows.append(made)
         return made
 
-    for si in range(len(specs)):
-        rows_of(si)
+    rows = [r for si in range(len(specs)) for r in rows_of(si)]
     pending: list[_Row] = []  # rows of specs that arrived through `poll`, waiting for room
 
     def admit(current_rows: int) -> list[_Row]:
@@ -687,13 +686,13 @@ def generate(
 
     scores: dict[int, PromptScores] = {}
     hits: dict[int, int] = {}
-    unfinished: dict[int, int] = {}  # spec -> its rows still running
 
     def finished(done: list[_Row]) -> None:
-        for r in done:
-            unfinished[r.spec_idx] = unfinished.get(r.spec_idx, specs[r.spec_idx].num_samples) - 1
-            if unfinished[r.spec_idx] == 0 and on_done is not None:
-                on_done(r.spec_idx, _result_of(r.spec_idx, rows, scores, hits))
+        if on_done is None:
+            return
+        for si in dict.fromkeys(r.spec_idx for r in done):  # each spec once, even if several rows ended now
+            if all(r.stop_reason is not None for r in spec_rows[si]):
+                on_done(si, _result_of(si, spec_rows[si], scores, hits))
 
     was_training = model.training
     model.eval()
@@ -713,12 +712,11 @@ def generate(
     finally:
         model.train(was_training)
 
-    return [_result_of(si, rows, scores, hits) for si in range(len(specs))]
+    return [_result_of(si, spec_rows[si], scores, hits) for si in range(len(specs))]
 
 
-def _result_of(si: int, rows: list[_Row], scores: dict, hits: dict) -> SampleResult:
-    """Spec `si`'s result from its finished rows."""
-    mine = sorted((r for r in rows if r.spec_idx == si), key=lambda r: r.sample_idx)
+def _result_of(si: int, mine: list[_Row], scores: dict, hits: dict) -> SampleResult:
+    """Spec `si`'s result from its finished rows `mine` (in sample order)."""
     got = scores.get(si, PromptScores())
     return SampleResult(
         sequences=[SampledSeq(r.tokens, r.logprobs, r.stop_reason or "length", r.topk_logprobs()) for r in mine],
