@@ -688,6 +688,32 @@ def test_prefix_cache_reuses_kv_without_changing_results(runs):
     assert max(budget["sizes"]) <= 24 and budget["entries"] <= 2
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot_dim", [16, 8])  # head_dim 16: all of it rotated, or half (the rest passes)
+@pytest.mark.parametrize("mscale", [1.0, 1.3])
+def test_sampler_rope_is_megatron_rope(interleaved, rot_dim, mscale):
+    """The sampler's RoPE (cos/sin tables computed once) gives megatron-core's unfused RoPE bit for bit."""
+    import types
+
+    import torch
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    from backends.miles.sampler import _Runner
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(40, rot_dim, generator=g) * 30  # angles per position
+    runner = _Runner.__new__(_Runner)
+    runner.rope_table, runner.mscale, runner.interleaved, runner.rope_fused = table, mscale, interleaved, False
+    runner.rope_cos = (torch.cos(table) * mscale).to(torch.float32)
+    runner.rope_sin = (torch.sin(table) * mscale).to(torch.float32)
+    pos = torch.randint(0, 40, (5, 3), generator=g)  # [s, b]
+    t = torch.randn(5, 3, 4, 16, generator=g)
+    cfg = types.SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=interleaved,
+                                multi_latent_attention=False)
+    want = apply_rotary_pos_emb(t, table[pos].unsqueeze(2), cfg, mscale=mscale, cp_group=object())
+    assert torch.equal(runner._rope(t, runner._rope_at(pos)), want)
+
+
 def test_prefix_cache_bookkeeping():
     import torch
 
