@@ -80,8 +80,19 @@ class CustomLossStore:
         self._loaded[loss_id] = StoredLoss(session_id, loss)
         return loss_id
 
+    async def prefetch(self, loss_id: str) -> None:
+        """Read `loss_id` back from its file into memory (off the event loop) if it is not there,
+        so that `find`, which runs on the event loop, never touches the disk. Problems are left
+        for `find` to report, in the request's turn."""
+        if isinstance(loss_id, str) and loss_id not in self._loaded:
+            try:
+                await asyncio.to_thread(self._read, loss_id)
+            except UserError:
+                pass
+
     def find(self, loss_id: str, session_id: str) -> CustomLoss:
-        """The loss `loss_id`, if the session `session_id` created it; else UserError."""
+        """The loss `loss_id`, if the session `session_id` created it; else UserError. Reads its
+        file when it is not in memory (the handlers `prefetch` first, so that is rare)."""
         stored = self._loaded.get(loss_id) or self._read(loss_id)
         if stored is None:
             raise UserError(f"unknown custom loss_id {loss_id!r} (create it with create_custom_loss on this server)")

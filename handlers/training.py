@@ -83,6 +83,8 @@ async def forward_backward(request: web.Request) -> web.Response:
         st = state(request)
         msg = parse_forward_backward(await request.read(), request.headers.get("Content-Encoding"))
         run = st.registry.run(msg.model_id)
+        if msg.loss_fn == "custom":  # its loss may have to be read back from disk: not on the loop
+            await st.custom_losses.prefetch(_named_loss_id(msg))
 
         def build():
             fb = forward_backward_from_message(msg)
@@ -94,6 +96,12 @@ async def forward_backward(request: web.Request) -> web.Response:
         return submit_in_order(request, run.model_id, msg.seq_id, "forward_backward", build)
 
     return await idempotent(request, make)
+
+
+def _named_loss_id(msg) -> str | None:
+    """The `loss_id` a custom-loss request names, if it names one as text."""
+    value = msg.loss_fn_config_v2.get("loss_id") if "loss_id" in msg.loss_fn_config_v2 else None
+    return value.text if value is not None and value.WhichOneof("value") == "text" else None
 
 
 def _adam_params(body: dict[str, Any]) -> dict[str, float]:

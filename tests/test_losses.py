@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,30 @@ def test_uploaded_losses_are_kept_on_disk_and_found_again_by_a_new_store(tmp_pat
     for unknown in ("loss-" + "0" * 32, "../" + loss_id, str(tmp_path / loss_id)):
         with pytest.raises(UserError, match="unknown custom loss_id"):
             restarted.find(unknown, "s")
+
+
+def test_prefetch_reads_a_stored_loss_off_the_event_loop_so_find_never_touches_the_disk(tmp_path, monkeypatch):
+    loss_id = asyncio.run(CustomLossStore(tmp_path).add("s", uploaded(weighted_nll, {"logprobs": 1, "weights": 1,
+                                                                                      "scale": 0})))
+    restarted = CustomLossStore(tmp_path)
+    reads = []
+    real_read = CustomLossStore._read
+
+    def read(self, name):
+        reads.append(threading.get_ident())
+        return real_read(self, name)
+
+    monkeypatch.setattr(CustomLossStore, "_read", read)
+
+    async def handler_turn():
+        await restarted.prefetch(loss_id)
+        await restarted.prefetch("loss-" + "0" * 32)  # unknown: nothing to read, nothing raised here
+        await restarted.prefetch(None)  # a request that names no loss as text
+        return threading.get_ident(), restarted.find(loss_id, "s")
+
+    loop_thread, found = asyncio.run(handler_turn())
+    assert len(reads) == 2 and loop_thread not in reads  # both files looked up in a worker thread
+    assert found is restarted.find(loss_id, "s") and len(reads) == 2  # find answered from memory
 
 
 def test_a_stored_loss_is_checked_against_the_allow_lists_again_when_read_back(tmp_path):
