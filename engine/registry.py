@@ -389,10 +389,14 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def _remove_folder(folder: Path) -> None:
-    """Hide the folder in one rename (it disappears from listings at once), then delete it."""
+    """Hide the folder in one rename (it disappears from listings at once), then delete it in a
+    background thread: a checkpoint can be large, and an expired one is removed by whichever
+    lookup finds it, some of which run on the event loop. A hidden folder that a crash leaves
+    behind is removed at the next start (`_remove_hidden_folders`)."""
     hidden = folder.parent / f".{folder.name}.deleted-{uuid.uuid4().hex}"
     try:
         os.replace(folder, hidden)
     except FileNotFoundError:
         return
-    shutil.rmtree(hidden, ignore_errors=True)
+    threading.Thread(target=shutil.rmtree, args=(hidden,), kwargs={"ignore_errors": True},
+                     name="tinkercloud-remove-checkpoint", daemon=True).start()

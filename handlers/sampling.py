@@ -8,6 +8,8 @@ answer is put back into the request's own layout when the result is encoded.
 """
 from __future__ import annotations
 
+import asyncio
+
 import functools
 import math
 import random
@@ -34,7 +36,7 @@ async def create_sampling_session(request: web.Request) -> web.Response:
     model_path = opt(body, "model_path", str, None)
     if model_path is not None:
         path = parse_tinker_path(model_path)
-        meta = st.registry.checkpoint_info(path)
+        meta = await asyncio.to_thread(st.registry.checkpoint_info, path)  # may remove an expired one
         adapter = {"key": meta["snapshot_id"], "path": str(st.registry.checkpoint_dir(path))}
         sampler = st.registry.new_sampler(session.session_id, seq, meta["base_model"], model_path, adapter)
     else:

@@ -10,6 +10,7 @@ creates a new run from a checkpoint (`create_training_client_from_state*`).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable
 
 from aiohttp import web
@@ -83,10 +84,23 @@ async def _save_checkpoint(request: web.Request, kind: str, reply_type: str, wit
     return await idempotent(request, make)
 
 
-def _loadable(st: ServerState, body: dict[str, Any]) -> tuple[TinkerPath, dict[str, Any], bool]:
+async def _read_checkpoint(st: ServerState, body: dict[str, Any]) -> tuple[TinkerPath, dict[str, Any]] | UserError:
+    """(path, metadata) of the checkpoint a load_weights request names, read in a worker thread
+    (the lookup may also remove an expired checkpoint); or the UserError saying what is wrong,
+    for `_loadable` to raise in the request's turn."""
+    try:
+        path = parse_tinker_path(need(body, "path", str))
+        return path, await asyncio.to_thread(st.registry.checkpoint_info, path)
+    except UserError as e:
+        return e
+
+
+def _loadable(body: dict[str, Any], found: tuple[TinkerPath, dict[str, Any]] | UserError,
+              ) -> tuple[TinkerPath, dict[str, Any], bool]:
     """(path, metadata, with_optimizer) of the checkpoint a load_weights request names."""
-    path = parse_tinker_path(need(body, "path", str))
-    meta = st.registry.checkpoint_info(path)
+    if isinstance(found, UserError):
+        raise found
+    path, meta = found
     with_optimizer = opt(body, "optimizer", bool, False)
     if with_optimizer and path.kind != "weights":
         raise UserError(f"{path} holds no optimizer state (only weights/ checkpoints from save_state do); "
@@ -99,11 +113,12 @@ async def load_weights(request: web.Request) -> web.Response:
         st = state(request)
         body = await json_body(request)
         if body.get("session_id") is not None:
-            return _create_run_from_checkpoint(st, body)
+            return _create_run_from_checkpoint(st, body, await _read_checkpoint(st, body))
         run = st.registry.run(need(body, "model_id", str))
+        found = await _read_checkpoint(st, body)
 
         def build():
-            path, meta, with_optimizer = _loadable(st, body)
+            path, meta, with_optimizer = _loadable(body, found)
             if meta["base_model"] != run.base_model:
                 raise UserError(f"{path} was trained on {meta['base_model']}, but {run.model_id} is {run.base_model}")
             if meta["lora"] != run.lora.flags():
@@ -118,10 +133,10 @@ async def load_weights(request: web.Request) -> web.Response:
     return await idempotent(request, make)
 
 
-def _create_run_from_checkpoint(st: ServerState, body: dict[str, Any]) -> dict[str, Any]:
+def _create_run_from_checkpoint(st: ServerState, body: dict[str, Any], found) -> dict[str, Any]:
     """create_training_client_from_state[_with_optimizer]: a new run whose first act is the load.
     The SDK computes the model id itself (`<session>:train:<model_seq_id>`)."""
-    path, meta, with_optimizer = _loadable(st, body)
+    path, meta, with_optimizer = _loadable(body, found)
     base_model = opt(body, "base_model", str, meta["base_model"])
     if base_model != meta["base_model"]:
         raise UserError(f"{path} was trained on {meta['base_model']}; it cannot be loaded onto {base_model}")
@@ -139,7 +154,7 @@ def _create_run_from_checkpoint(st: ServerState, body: dict[str, Any]) -> dict[s
 async def weights_info(request: web.Request) -> web.Response:
     body = await json_body(request)
     path = parse_tinker_path(need(body, "tinker_path", str))
-    meta = state(request).registry.checkpoint(path).meta
+    meta = (await asyncio.to_thread(state(request).registry.checkpoint, path)).meta
     lora = meta["lora"]
     return web.json_response({
         "base_model": meta["base_model"], "is_lora": True, "lora_rank": lora["rank"], "lora_alpha": lora["alpha"],

@@ -188,3 +188,37 @@ def test_a_save_that_fails_midway_leaves_nothing_visible(tmp_path):
     assert registry.checkpoints() == []
     Registry(str(tmp_path))
     assert not crashed.exists()
+
+
+def test_an_expired_checkpoint_disappears_at_once_and_is_deleted_off_the_calling_thread(tmp_path, monkeypatch):
+    """A lookup that finds an expired checkpoint (some run on the event loop) hides it in one
+    rename and leaves the deletion of its files, which may be large, to a background thread."""
+    import threading
+
+    from engine import registry as registry_module
+    from engine.registry import Registry, checkpoint_path, write_meta
+
+    registry = Registry(str(tmp_path))
+    path = checkpoint_path("s:train:0", "weights", "old")
+    folder = registry.checkpoint_dir(path)
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x" * 1024)
+    write_meta(folder, {"tinker_path": str(path), "expires_at": 1.0})  # expired long ago
+
+    removed = []
+    real_rmtree = registry_module.shutil.rmtree
+
+    def rmtree(target, **kwargs):
+        removed.append((Path(target).name, threading.get_ident()))
+        real_rmtree(target, **kwargs)
+
+    monkeypatch.setattr(registry_module.shutil, "rmtree", rmtree)
+    with pytest.raises(LookupError, match="does not exist"):
+        registry.checkpoint(path)
+    assert not folder.exists() and registry.checkpoints() == []  # gone from every listing at once
+    for thread in threading.enumerate():
+        if thread.name == "tinkercloud-remove-checkpoint":
+            thread.join(30)
+    assert len(removed) == 1 and removed[0][0].startswith(".old.deleted-")
+    assert removed[0][1] != threading.get_ident()  # not on the caller's thread
+    assert list(folder.parent.iterdir()) == []  # and the hidden copy is gone too
