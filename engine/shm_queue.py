@@ -83,12 +83,17 @@ class ShmQueue:
         return tensor_bytes(shared)
 
     def get(self, timeout: float | None = None) -> Any:
-        msg = self._q.get(timeout=timeout)
+        with torch.inference_mode(False):  # see get_nowait
+            msg = self._q.get(timeout=timeout)
         return from_shared(msg) if self.numpy_out else msg
 
     def get_nowait(self) -> Any:
-        """The next message if one is already here, else `queue.Empty`."""
-        msg = self._q.get_nowait()
+        """The next message if one is already here, else `queue.Empty`. Its tensors are ordinary
+        ones even when read inside `torch.inference_mode` (a worker takes the items that arrive
+        during a sampling batch between its decode steps): a training item's tensors made there
+        would be inference tensors, which autograd refuses to save for backward."""
+        with torch.inference_mode(False):
+            msg = self._q.get_nowait()
         return from_shared(msg) if self.numpy_out else msg
 
     def close(self) -> None:
