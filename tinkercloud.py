@@ -93,14 +93,14 @@ def create_app(config: Config) -> web.Application:
             device_bytes=gpu_memory_bytes(), layers=math.gcd(*(layer_count(m.path) for m in models)))
         spec = WorkerSpec(config.backend, {m.name: str(Path(m.path).resolve()) for m in models},
                           str(Path(config.data_dir).resolve()), dims.world_size, dims.tp, dims.pp, config.dtype,
-                          config.recompute)
+                          config.recompute, tuple(dims.replica_ranks(d) for d in range(dims.dp)))
         pool = WorkerPool(spec, reserved_ports=frozenset({config.port}))
         futures = FutureStore(config.futures_path)
         try:
             await pool.start()
             infos = {name: {**info, "tokenizer_id": tokenizer_id(name, info["path"])}
                      for name, info in pool.models.items()}
-            scheduler = Scheduler(pool, futures, config.max_sample_batch_rows, sample_joins=dims.dp == 1)
+            scheduler = Scheduler(pool, futures, config.max_sample_batch_rows, replicas=dims.dp)
             st = ServerState(config, pool, futures, scheduler,
                              Registry(config.data_dir), infos)
             app[STATE] = st

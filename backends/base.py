@@ -1,7 +1,8 @@
 """The interface every training backend implements: what a worker can be asked to do.
 
 One instance lives in each worker process (one per rank). Every rank receives the same
-operations in the same order; rank 0's return value is the answer. Arguments and results
+operations in the same order and rank 0's return value is the answer, except `sample`: it reaches
+only the ranks of one data-parallel replica, and the replica leader's return value is the answer. Arguments and results
 are plain Python values and tensors/arrays (see `engine.messages`). A method raises
 `engine.messages.UserError` when the request itself is wrong.
 """
@@ -61,15 +62,16 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def sample(self, requests: list[dict[str, Any]], joins=None) -> list[dict[str, Any]]:
-        """Generate for many requests at once; one result (or {"error", "category"}) each.
+        """Generate for many requests at once on this rank's data-parallel replica alone (every
+        collective over the replica's ranks only); one result (or {"error", "category"}) each.
 
-        With `joins` (an `engine.sample_joins.SampleJoins`, only if `joins_running_samples`),
-        requests that `joins.take(can_join)` hands over between decode steps join the running
-        generation; their results follow, in the order they joined."""
+        With `joins` (an `engine.sample_joins.SampleJoins`), requests that `joins.take(can_join)`
+        hands over between decode steps join the running generation; their results follow, in the
+        order they joined."""
 
-    # Whether sampling requests can join a running sampling batch (every rank decodes in step).
-    joins_running_samples: bool = False
+    # Whether this rank answers for its data-parallel replica (one process: it does).
+    leads_replica: bool = True
 
     def agree(self, value: int) -> int:
-        """Global rank 0's `value`, on every rank (a collective); one process: `value`."""
+        """The replica leader's `value`, on every rank of the replica (a collective); one process: `value`."""
         return value

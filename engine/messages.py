@@ -1,7 +1,8 @@
 """The narrow waist: the only types the server process and the worker processes share.
 
 The server sends a `WorkItem` (an operation name and its arguments: plain Python values
-and numpy arrays) to every rank; rank 0 answers with one `WorkResult`. Arrays travel through
+and numpy arrays) to every rank, and rank 0 answers with one `WorkResult`; or, for sampling, to
+the ranks of one data-parallel replica, whose leader answers. Arrays travel through
 shared memory (see `shm_queue`). Workers raise `UserError` for mistakes in the caller's
 input; anything else is reported as a server error. Each result carries a `Transport` record:
 what the round trip moved through shared memory and when rank 0 ran it.
@@ -33,6 +34,9 @@ class WorkItem:
     request_id: str
     op: str
     args: dict[str, Any] = field(default_factory=dict)
+    # sampling only: the data-parallel replica whose ranks alone run it (its leader answers);
+    # None: every rank runs it and global rank 0 answers
+    replica: int | None = None
 
 
 @dataclass

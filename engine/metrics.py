@@ -56,6 +56,7 @@ class _OpMetrics:
     requests: int = 0  # the API requests those items carried
     failed_items: int = 0  # items that came back as an error (or were lost with a worker)
     joined_items: int = 0  # sampling items that joined a sampling batch already running
+    replica_items: dict[int, int] = field(default_factory=dict)  # sampling: items each data-parallel replica ran
     request_bytes: int = 0  # tensor bytes put into shared memory for the requests, all ranks together
     result_bytes: int = 0  # tensor bytes of the results
     timed: int = 0  # requests with latencies (rank 0 ran their item)
@@ -71,6 +72,7 @@ class _OpMetrics:
     def summary(self) -> dict[str, Any]:
         return {"items": self.items, "requests": self.requests, "failed_items": self.failed_items,
                 "joined_items": self.joined_items,
+                "replica_items": {str(r): n for r, n in sorted(self.replica_items.items())},
                 "request_bytes": self.request_bytes, "result_bytes": self.result_bytes,
                 "latency_ms": {name: _summary_ms(self.recent[name], self.timed, self.seconds[name]) for name in STAGES}}
 
@@ -81,11 +83,14 @@ class TransportMetrics:
     def __init__(self) -> None:
         self._ops: dict[str, _OpMetrics] = {}
 
-    def record(self, op: str, jobs: list, res: WorkResult) -> None:
-        """`res` came back for the item that carried `jobs`, whose futures are now stored."""
+    def record(self, op: str, jobs: list, res: WorkResult, replica: int | None = None) -> None:
+        """`res` came back for the item that carried `jobs` (run by data-parallel replica
+        `replica`, or by every rank), whose futures are now stored."""
         stored_at, t = time.time(), res.transport
         m = self._ops.setdefault(op, _OpMetrics())
         m.items += 1
+        if replica is not None:
+            m.replica_items[replica] = m.replica_items.get(replica, 0) + 1
         m.requests += len(jobs)
         m.failed_items += res.error is not None
         m.joined_items += t.joined

@@ -2,8 +2,9 @@
 
 One process per rank (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT set for each, as torchrun would; CPU workers share the cores by LOCAL_WORLD_SIZE).
-`submit()` puts a `WorkItem` on every rank's shared-memory queue and returns an asyncio
-future for rank 0's `WorkResult`, whose `transport` record the pool completes with the
+`submit()` puts a `WorkItem` on every rank's shared-memory queue (a sampling item: on those of
+its data-parallel replica) and returns an asyncio future for rank 0's (the replica leader's)
+`WorkResult`, whose `transport` record the pool completes with the
 request's shared-memory bytes and the time it was queued (rank 0 stamped the rest). A
 reader thread hands results to the event loop; a watcher thread notices a rank that dies,
 fails everything in flight with a clear server error and marks the pool unhealthy. The
@@ -39,6 +40,15 @@ class WorkerSpec:
     pp: int = 1  # pipeline-parallel degree; world_size // (tp * pp) data-parallel replicas
     dtype: str = "auto"  # base weights (Config.dtype)
     recompute: str = "none"  # activation recomputation (Config.recompute)
+    # the global ranks of each data-parallel replica, its leader first (ParallelDims.replica_ranks);
+    # empty: one replica of every rank
+    replicas: tuple[tuple[int, ...], ...] = ()
+
+    def replica_ranks(self, replica: int | None) -> tuple[int, ...]:
+        """The ranks that run an item for `replica` (None: every rank)."""
+        if replica is None or not self.replicas:
+            return tuple(range(self.world_size))
+        return self.replicas[replica]
 
 
 def _free_port(avoid: frozenset[int] = frozenset()) -> int:
@@ -116,13 +126,14 @@ class WorkerPool:
 
     # ---- requests ------------------------------------------------------------------------
     def submit(self, item: WorkItem) -> asyncio.Future:
-        """Send `item` to every rank; the future resolves to rank 0's WorkResult."""
+        """Send `item` to every rank (or to its replica's); the future resolves to the WorkResult
+        of rank 0 (or of the replica's leader)."""
         fut = self._loop.create_future()
         if self.failure is not None:
             fut.set_result(WorkResult(item.request_id, error=self.failure, category="server"))
             return fut
         sent = Transport(enqueued_at=time.time())
-        sent.request_bytes = sum(q.put(item) for q in self._inbox)
+        sent.request_bytes = sum(self._inbox[rank].put(item) for rank in self.spec.replica_ranks(item.replica))
         self._inflight[item.request_id] = (fut, sent)
         return fut
 

@@ -4,9 +4,10 @@ While a worker decodes one sampling batch, the server keeps sending sampling wor
 decode steps the backend calls `SampleJoins.take`: the `sample` items already waiting in this
 rank's inbox are handed over, and their rows join the batch, instead of waiting for it to end.
 
-Every rank must hand over the same items at the same step. Global rank 0 decides: it takes what
-its inbox holds, and `agree` (a broadcast from rank 0) tells the other ranks how many items to
-take from theirs, which receive the same items in the same order. Order is kept: the first item
+Sampling items go to the ranks of one data-parallel replica (`WorkItem.replica`), and every rank
+of it must hand over the same items at the same step. The replica's leader decides: it takes what
+its inbox holds, and `agree` (a broadcast from the leader over the replica) tells the other ranks
+how many items to take from theirs, which receive the same items in the same order. Order is kept: the first item
 that cannot join (another operation, or sampling of another base model) is kept aside in `stash`,
 to run right after the batch, and nothing more joins this batch. Every item of the batch,
 the one that started it (item 0) and each that joined (items 1, 2, ...), is answered (`reply`) as
@@ -25,19 +26,19 @@ from engine.shm_queue import ShmQueue, tensor_bytes
 
 
 class SampleJoins:
-    def __init__(self, running: WorkItem, inbox: ShmQueue, outbox: ShmQueue, stash: deque, rank: int,
+    def __init__(self, running: WorkItem, inbox: ShmQueue, outbox: ShmQueue, stash: deque, leader: bool,
                  agree: Callable[[int], int]) -> None:
-        self.inbox, self.outbox, self.stash, self.rank, self.agree = inbox, outbox, stash, rank, agree
+        self.inbox, self.outbox, self.stash, self.leader, self.agree = inbox, outbox, stash, leader, agree
         self.closed = bool(stash)  # items already set aside come first: nothing may overtake them
         self.items: list[tuple[WorkItem, float]] = [(running, time.time())]  # (item, when it started or joined)
         self.replied: set[int] = set()  # indices into `items` already answered
 
     def take(self, can_join: Callable[[list[dict]], bool]) -> list[list[dict]]:
-        """The request lists of the items that join now (a collective over all ranks)."""
+        """The request lists of the items that join now (a collective over the replica's ranks)."""
         if self.closed:
             return []
         waiting = 0
-        if self.rank == 0:
+        if self.leader:
             while True:
                 try:
                     self.stash.append(self.inbox.get_nowait())
@@ -45,7 +46,7 @@ class SampleJoins:
                     break
                 waiting += 1
         count = self.agree(waiting)
-        if self.rank != 0:
+        if not self.leader:
             for _ in range(count):
                 self.stash.append(self.inbox.get())
         taken = []
@@ -60,9 +61,9 @@ class SampleJoins:
         return [item.args["requests"] for item in taken]
 
     def reply(self, k: int, results: list) -> None:
-        """Answer item `k` (0: the running one, then the joined ones in joining order) now, from rank 0."""
+        """Answer item `k` (0: the running one, then the joined ones in joining order) now, from the leader."""
         self.replied.add(k)
-        if self.rank == 0:
+        if self.leader:
             item, started_at = self.items[k]
             reply = WorkResult(item.request_id, result=results)
             reply.transport = Transport(result_bytes=tensor_bytes(results), started_at=started_at,

@@ -4,12 +4,12 @@
   order they arrive in; a request whose seq_id was already accepted is the same request
   (a retry) and gets the same future.
 - Everything else runs as soon as it arrives (the pool's queues are FIFO).
-- Sampling requests are batched: requests that arrive in the same event-loop turn go as one
-  item. When the workers let items join a running sampling batch (`sample_joins`: continuous
-  batching, see `engine.sample_joins`), items go to them as they come; otherwise, while one
-  sampling batch runs, new requests wait and then all go together. An idle
-  sampler starts the next batch one event-loop turn after a request arrives, so requests
-  that arrive together (a burst) go together instead of as 1 + the rest.
+- Sampling requests go to one data-parallel replica each (`WorkItem.replica`: its ranks alone
+  run them): the one with the fewest sample rows in flight. Requests handled in the same
+  event-loop turn (a burst) are spread over the replicas that way and go as one item per
+  replica, one turn after the first of them arrived; an item that reaches a replica already
+  sampling joins its running batch between decode steps (continuous batching, see
+  `engine.sample_joins`).
 Results are encoded by the caller-supplied `encode` function and stored as futures.
 
 Each finished work item is recorded in `engine.metrics.TransportMetrics` (bytes, latency
@@ -63,18 +63,14 @@ class _ModelLane:
 
 
 class Scheduler:
-    def __init__(self, pool: WorkerPool, futures: FutureStore, max_sample_rows: int = 64,
-                 sample_joins: bool = False) -> None:
+    def __init__(self, pool: WorkerPool, futures: FutureStore, max_sample_rows: int = 64, replicas: int = 1) -> None:
         self.pool = pool
         self.futures = futures
         self.max_sample_rows = max_sample_rows
-        # Whether the workers let sampling items join a running sampling batch; then items go
-        # to them as requests arrive, else one batch at a time.
-        self.sample_joins = sample_joins
         self._lanes: dict[str, _ModelLane] = {}
-        self._samples: list[tuple[_Job, int]] = []  # (job, rows) waiting for the next batch
-        self._sampling = 0  # sampling batches on the workers
-        self._sampling_soon = False  # the next batch starts on the next event-loop turn
+        self._samples: list[tuple[_Job, int]] = []  # (job, rows) waiting for the next turn
+        self._replica_rows = [0] * replicas  # sample rows sent to each replica and not answered yet
+        self._sampling_soon = False  # waiting samples go on the next event-loop turn
         self.metrics = TransportMetrics()
 
     # ---- submission ----------------------------------------------------------------------
@@ -107,8 +103,8 @@ class Scheduler:
     def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder) -> str:
         job = self._new_job("sample", args, encode)
         self._samples.append((job, rows))
-        if (self.sample_joins or not self._sampling) and not self._sampling_soon:
-            # Not at once: requests of a burst that are being handled in this loop turn join in.
+        if not self._sampling_soon:
+            # Not at once: requests of a burst that are being handled in this loop turn go along.
             self._sampling_soon = True
             asyncio.get_running_loop().call_soon(self._start_sampling)
         return job.request_id
@@ -155,19 +151,28 @@ class Scheduler:
         self.futures.complete(job.request_id, payload, kind)
 
     def _start_sampling(self) -> None:
+        """Each waiting request to the replica with the fewest rows in flight (in arrival order);
+        one item per replica, or more where one would exceed `max_sample_rows`."""
         self._sampling_soon = False
-        while self._samples and (self.sample_joins or not self._sampling):
-            batch, rows = [], 0
-            while self._samples and (not batch or rows + self._samples[0][1] <= self.max_sample_rows):
-                job, n = self._samples.pop(0)
-                batch.append(job)
-                rows += n
-            self._sampling += 1
-            item = WorkItem(batch[0].request_id + "+batch", "sample", {"requests": [j.args for j in batch]})
-            self.pool.submit(item).add_done_callback(lambda f, batch=batch: self._finish_sampling(batch, f.result()))
+        batches: dict[int, list[tuple[list[_Job], int]]] = {}  # replica -> its (jobs, rows) items
+        for job, n in self._samples:
+            replica = min(range(len(self._replica_rows)), key=lambda r: self._replica_rows[r])
+            self._replica_rows[replica] += n
+            items = batches.setdefault(replica, [])
+            if not items or items[-1][1] + n > self.max_sample_rows:
+                items.append(([], 0))
+            jobs, rows = items[-1]
+            items[-1] = (jobs + [job], rows + n)
+        self._samples = []
+        for replica, items in batches.items():
+            for jobs, rows in items:
+                item = WorkItem(jobs[0].request_id + "+batch", "sample", {"requests": [j.args for j in jobs]},
+                                replica=replica)
+                self.pool.submit(item).add_done_callback(
+                    lambda f, jobs=jobs, replica=replica, rows=rows: self._finish_sampling(jobs, replica, rows, f.result()))
 
-    def _finish_sampling(self, batch: list[_Job], res: WorkResult) -> None:
-        self._sampling -= 1
+    def _finish_sampling(self, batch: list[_Job], replica: int, rows: int, res: WorkResult) -> None:
+        self._replica_rows[replica] -= rows
         for i, job in enumerate(batch):
             if res.error is not None:
                 self._finish(job, res)
@@ -176,5 +181,4 @@ class Scheduler:
                 err = one.get("error") if isinstance(one, dict) else None
                 self._finish(job, WorkResult(job.request_id, error=err, category=one.get("category", "server"))
                              if err else WorkResult(job.request_id, result=one))
-        self.metrics.record("sample", batch, res)
-        self._start_sampling()
+        self.metrics.record("sample", batch, res, replica)

@@ -1,6 +1,8 @@
 """Worker process main loop: receive a WorkItem, run it on the backend, reply from rank 0.
 
-Every rank runs the same commands in the same order (they meet in collectives); only
+Every rank runs the same commands in the same order (they meet in collectives), except that a
+sampling item reaches only the ranks of one data-parallel replica, which run it (and the
+sampling items that join it, `SampleJoins`) on their own and whose leader answers. Otherwise only
 rank 0's answer goes back to the server, stamped with when it ran and how many tensor
 bytes it carries (`Transport`). On CPU the ranks of this machine share its cores: each
 takes cores // ranks intra-op threads unless OMP_NUM_THREADS says otherwise. Never
@@ -42,11 +44,13 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
         if item.op == "shutdown":
             _leave_process_group()
             return
-        if item.op == "sample" and backend.joins_running_samples:
-            replies = run_sampling(backend, item, SampleJoins(item, inbox, outbox, stash, rank, backend.agree))
+        if item.replica is not None:  # a sampling item for this rank's replica: its leader answers
+            leader = backend.leads_replica
+            replies = run_sampling(backend, item, SampleJoins(item, inbox, outbox, stash, leader, backend.agree))
         else:
+            leader = rank == 0
             replies = [run_item(backend, item)]
-        if rank == 0:
+        if leader:
             for reply in replies:
                 outbox.put(reply)
 

@@ -46,6 +46,10 @@ class RawClient:
             hdrs.setdefault("Content-Type", "application/x-protobuf")
         return self.http.post(f"/api/v1/{path}", json=json, content=content, headers=hdrs)
 
+    def get_json(self, path: str) -> tuple[int, Any]:
+        r = self.http.get(f"/api/v1/{path}")
+        return r.status_code, r.json()
+
     def session(self) -> str:
         return self.post("create_session", {"tags": [], "user_metadata": {}, "sdk_version": "0.38.0",
                                             "type": "create_session"}).json()["session_id"]
@@ -67,3 +71,32 @@ class RawClient:
             if body.get("type") != "try_again":
                 return body
         raise TimeoutError(request_id)
+
+
+def post_in_one_turn(server, path: str, bodies: list[dict]) -> list[dict]:
+    """POST every body to `path` so that all of them reach the server in the same event-loop
+    turn: keep-alive connections are opened first, the requests are written while the server
+    process is stopped (SIGSTOP), then it continues. Returns the JSON answers, in order."""
+    import http.client
+    import json as json_module
+    import os
+    import signal
+
+    conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=60) for _ in bodies]
+    for conn in conns:  # open keep-alive connections the server is already reading
+        conn.request("GET", "/api/v1/healthz")
+        conn.getresponse().read()
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        for conn, body in zip(conns, bodies):
+            conn.request("POST", path, body=json_module.dumps(body),
+                         headers={"X-API-Key": API_KEY, "Content-Type": "application/json"})
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    answers = []
+    for conn in conns:
+        r = conn.getresponse()
+        answers.append(json_module.loads(r.read()))
+        conn.close()
+        assert r.status == 200, answers[-1]
+    return answers

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 
 from tinker import types
 
 from tests.conftest import API_KEY
-from tests.helpers import RawClient, sft_datum
+from tests.helpers import RawClient, post_in_one_turn, sft_datum
 
 QWEN = "tiny-qwen3"
 STAGES = ("arrival_to_enqueued", "submit_to_enqueued", "enqueued_to_start", "compute", "end_to_stored",
@@ -32,7 +30,10 @@ def _ops(server) -> dict:
     return body["transport"]["ops"]
 
 
-def _delta(after: dict, before: dict, op: str, field: str) -> int:
+def _delta(after: dict, before: dict, op: str, field: str | None) -> int:
+    """How much `after[op][field]` grew since `before` (`after[op]` itself with no field)."""
+    if field is None:
+        return after[op] - before.get(op, 0)
     return after[op][field] - before.get(op, {}).get(field, 0)
 
 
@@ -84,28 +85,13 @@ def test_sample_requests_that_arrive_together_run_as_one_batch(server):
     raw = RawClient(server.url)
     sampler_id = raw.post("create_sampling_session", {"session_id": raw.session(), "sampling_session_seq_id": 0,
                                                       "base_model": QWEN}).json()["sampling_session_id"]
-    conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=60) for _ in range(8)]
-    for conn in conns:  # open keep-alive connections the server is already reading
-        conn.request("GET", "/api/v1/healthz")
-        conn.getresponse().read()
-    bodies = [json.dumps({"sampling_session_id": sampler_id, "seq_id": i, "num_samples": 1, "type": "sample",
-                          "prompt": {"chunks": [{"type": "encoded_text", "tokens": [11, 12, 13 + i]}]},
-                          "sampling_params": {"max_tokens": 2, "seed": i, "stop": []}}) for i in range(8)]
+    bodies = [{"sampling_session_id": sampler_id, "seq_id": i, "num_samples": 1, "type": "sample",
+               "prompt": {"chunks": [{"type": "encoded_text", "tokens": [11, 12, 13 + i]}]},
+               "sampling_params": {"max_tokens": 2, "seed": i, "stop": []}} for i in range(8)]
     before = _ops(server)
-    os.kill(server.proc.pid, signal.SIGSTOP)
-    try:
-        for conn, body in zip(conns, bodies):
-            conn.request("POST", "/api/v1/asample", body=body,
-                         headers={"X-API-Key": API_KEY, "Content-Type": "application/json"})
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-    handles = []
-    for conn in conns:
-        r = conn.getresponse()
-        handles.append(json.loads(r.read()))
-        conn.close()
-        assert r.status == 200, handles[-1]
+    handles = post_in_one_turn(server, "/api/v1/asample", bodies)
     assert all(isinstance(raw.result(h["request_id"]), bytes) for h in handles)  # SampleResponses
     after = _ops(server)
     assert _delta(after, before, "sample", "requests") == 8
     assert _delta(after, before, "sample", "items") == 1  # one batch, not 1 + 7
+    assert _delta(after["sample"]["replica_items"], before.get("sample", {}).get("replica_items", {}), "0", None) == 1

@@ -14,6 +14,8 @@ refused at start-up.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import tinker
@@ -21,7 +23,7 @@ from tinker import types
 
 from engine.config import Config
 from tests.conftest import API_KEY, ServerProcess
-from tests.helpers import logprobs_of, sft_datum
+from tests.helpers import RawClient, logprobs_of, post_in_one_turn, sft_datum
 
 QWEN = "tiny-qwen3"
 SEQS = [[151644, 872, 198, 9707, 1879, 0, 17, 4, 3, 9, 100, 2000, 30000, 151645],
@@ -107,6 +109,54 @@ def test_sampling_and_checkpoints_after_data_parallel_training(server, server_dp
     assert norms[1] == pytest.approx(norms[0], rel=1e-6)
 
 
+def _sample_bodies(raw: RawClient, n: int, max_tokens: int) -> list[dict]:
+    sampler_id = raw.post("create_sampling_session", {"session_id": raw.session(), "sampling_session_seq_id": 0,
+                                                      "base_model": QWEN}).json()["sampling_session_id"]
+    return [{"sampling_session_id": sampler_id, "seq_id": i, "num_samples": 1, "type": "sample",
+             "prompt": {"chunks": [{"type": "encoded_text", "tokens": SEQS[i % 3][:4]}]},
+             "sampling_params": {"max_tokens": max_tokens, "seed": i, "stop": []}} for i in range(n)]
+
+
+def _replica_items(server) -> dict[str, int]:
+    status, body = RawClient(server.url).get_json("metrics")
+    assert status == 200, body
+    return body["transport"]["ops"].get("sample", {}).get("replica_items", {})
+
+
+def test_a_burst_of_sampling_requests_is_spread_over_the_data_parallel_replicas(server_dp2):
+    """Eight requests that reach the server in one event-loop turn: with DP=2 each replica gets
+    one item of four (its ranks alone run it); with PP=2 there is one replica, which gets all."""
+    raw = RawClient(server_dp2.url)
+    before = _replica_items(server_dp2)
+    handles = post_in_one_turn(server_dp2, "/api/v1/asample", _sample_bodies(raw, 8, 3))
+    assert all(isinstance(raw.result(h["request_id"]), bytes) for h in handles)  # SampleResponses
+    after = _replica_items(server_dp2)
+    grew = {r: n - before.get(r, 0) for r, n in after.items() if n != before.get(r, 0)}
+    assert grew == ({"0": 1, "1": 1} if "dp=2" in server_dp2.log_path.read_text() else {"0": 1})
+
+
+def test_replicas_sample_on_their_own_while_training_waits_its_turn(server_dp2):
+    """A long generation runs on one replica; short ones, which go to the other replica (DP=2) or
+    join the running batch (PP=2), are answered before it ends. A training step submitted while
+    it runs (it needs every rank, so it waits for the long one) then runs normally: its tensors
+    were read from the queue between decode steps, inside inference mode. Nothing hangs."""
+    run = _client(server_dp2.url).create_lora_training_client(QWEN, rank=4, seed=3).result()
+    sampler = run.save_weights_and_get_sampling_client().result()
+    long = sampler.sample(types.ModelInput.from_ints(SEQS[1][:4]), 1,
+                          types.SamplingParams(max_tokens=1500, temperature=1.0, seed=5, stop=[]))
+    time.sleep(0.3)  # the long one is running
+    short = [sampler.sample(types.ModelInput.from_ints(s[:4]), 1,
+                            types.SamplingParams(max_tokens=2, temperature=1.0, seed=i, stop=[]))
+             for i, s in enumerate(SEQS)]
+    assert [len(f.result(timeout=120).sequences[0].tokens) for f in short] == [2, 2, 2]
+    assert not long.done()  # the short ones did not wait for it
+    fb = run.forward_backward(_data(3), "cross_entropy")
+    step = run.optim_step(types.AdamParams(learning_rate=1e-2))
+    assert np.isfinite(fb.result(timeout=300).metrics["loss:sum"])
+    assert step.result(timeout=120).metrics["grad_norm:mean"] > 0
+    assert len(long.result(timeout=300).sequences[0].tokens) == 1500
+
+
 def _sft_loss(logprobs, weights):
     return -(logprobs * weights).sum(), {"custom/lp:mean": logprobs.mean(), "custom/loss:sum": -(logprobs * weights).sum()}
 
@@ -149,6 +199,24 @@ def test_tp_comes_from_the_flag_or_the_environment(monkeypatch):
     assert Config.from_args(["--workers", "4", "--tp", "1"]).tp == 1
     with pytest.raises(ValueError, match="TINKERCLOUD_TP"):
         Config(tp=-1)
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 2), (2, 1, 2), (1, 2, 2), (2, 2, 2), (2, 2, 3), (4, 1, 1)])
+def test_replica_ranks_are_megatron_cores_model_parallel_groups(tp, pp, dp):
+    """The server sends a sampling item to one replica's ranks (`ParallelDims.replica_ranks`);
+    they must be the model-parallel group megatron-core builds for that DP index, leader first."""
+    from megatron.core.parallel_state import RankGenerator
+
+    from backends.miles.parallel import ParallelDims
+
+    dims = ParallelDims(tp=tp, pp=pp, dp=dp)
+    groups = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp").get_ranks("tp-pp")
+    assert sorted(sorted(dims.replica_ranks(d)) for d in range(dp)) == sorted(sorted(g) for g in groups)
+    data_parallel = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp").get_ranks("dp")
+    for d in range(dp):
+        leader = dims.replica_ranks(d)[0]
+        assert leader < tp * dp and leader % tp == 0  # first stage, TP rank 0
+        assert next(g for g in data_parallel if leader in g).index(leader) == d  # its DP index is d
 
 
 def test_micro_batches_keep_order_and_respect_the_token_budget():

@@ -28,9 +28,9 @@ from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model
 from backends.miles import packing, schedule
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
-                                     from_rank_0, gather_in_rank_order, gather_shares, init_distributed, least_over_ranks,
-                                     raise_first_failure, union_over_ranks, is_global_rank_0, merge_metrics,
-                                     merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
+                                     from_rank_0, gather_shares, init_distributed, leads_replica, least_over_ranks,
+                                     raise_first_failure, replica_group, union_over_ranks, is_global_rank_0,
+                                     merge_metrics, merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
 from backends.miles.schedule import MicroBatch
 from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
                                         read_optimizer, to_peft, write_checkpoint)
@@ -77,7 +77,14 @@ class _Run:
 
 class MilesBackend(TrainingBackend):
     def __init__(self, spec) -> None:
-        self.device = init_distributed(ParallelDims.for_workers(spec.world_size, spec.tp, spec.pp))
+        dims = ParallelDims.for_workers(spec.world_size, spec.tp, spec.pp)
+        self.device = init_distributed(dims)
+        self.replica = replica_group()  # sampling runs on this rank's replica alone
+        self.leads_replica = leads_replica()
+        mine = dims.replica_ranks(dp_rank())
+        if dist.get_rank() not in mine or self.leads_replica != (dist.get_rank() == mine[0]):
+            raise RuntimeError(f"rank {dist.get_rank()}: megatron-core's groups differ from the server's layout "
+                               f"(replica {dp_rank()} = ranks {mine}, led by the first)")
         dtype = _weights_dtype(spec.dtype, self.device)
         self.bases: dict[str, _Base] = {}
         for name, path in spec.models.items():
@@ -90,8 +97,6 @@ class MilesBackend(TrainingBackend):
         self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device) * MICROBATCH_MEMORY_SHARE)
         self.recompute = spec.recompute
         self._in_use: set[str] = set()  # snapshots that rows of the running sampling batch use
-        # with one DP replica every rank decodes in step, so requests can join a running batch
-        self.joins_running_samples = dp_size() == 1
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {
@@ -334,28 +339,26 @@ class MilesBackend(TrainingBackend):
                         "save the weights again")
 
     def sample(self, requests, joins=None):
-        """Each data-parallel replica samples a contiguous share of the requests (its tensor- and
-        pipeline-parallel ranks together); DP rank 0 gathers the results in request order. With
-        one replica, requests that arrive meanwhile join the running batch (`joins`); their
-        results follow."""
-        mine = data_parallel_share(len(requests), dp_size(), dp_rank())
+        """This rank's data-parallel replica samples the requests on its own (its tensor- and
+        pipeline-parallel ranks together; collectives over the replica only); its leader answers.
+        Requests that arrive meanwhile join the running batch (`joins`); their results follow."""
         results, error = [], None
         try:
-            results = self._sample_share(self._resolve([requests[i] for i in mine]), joins)
-        except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+            results = self._sample_share(self._resolve(requests), joins)
+        except Exception as e:  # noqa: BLE001 - raised below, once every rank of the replica knows
             error = e
         finally:
             self._in_use.clear()
-        raise_first_failure(error)
-        return gather_in_rank_order(results)
+        raise_first_failure(error, self.replica)
+        return results
 
     def agree(self, value: int) -> int:
-        return from_rank_0(value, self.device)
+        return from_rank_0(value, self.device, self.replica)
 
     def _resolve(self, requests: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None, str | None]]:
-        """(request, its adapter, why it is refused or None) for each request (collectives over all
-        ranks). A request whose adapter cannot be loaded on some rank is refused on all of them (its
-        checkpoint may vanish between two ranks' reads), so the ranks' batches stay the same."""
+        """(request, its adapter, why it is refused or None) for each request (collectives over the
+        replica's ranks). A request whose adapter cannot be loaded on some rank is refused on all of
+        them (its checkpoint may vanish between two ranks' reads), so the ranks' batches stay the same."""
         adapters: dict[int, str | None] = {}
         refused: dict[int, str] = {}
         loaded_now: dict[int, str] = {}  # requests whose snapshot this call loaded here
@@ -371,8 +374,8 @@ class MilesBackend(TrainingBackend):
                     loaded_now[i] = adapters[i]
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
-        raise_first_failure(error)
-        refused = union_over_ranks(refused)
+        raise_first_failure(error, self.replica)
+        refused = union_over_ranks(refused, self.replica)
         for i in refused.keys() & loaded_now.keys():  # refused elsewhere: keep the ranks' snapshots equal
             self._forget_snapshot(loaded_now[i])
         self._in_use.update(a for i, a in adapters.items() if a is not None and i not in refused)

@@ -12,6 +12,9 @@ consecutive ranks form a tensor-parallel group, the DP groups are {r, r + tp, ..
 pipeline stage, and global rank 0 (which answers the server) is on the first stage. Model
 code never touches this.
 
+A data-parallel replica (`ParallelDims.replica_ranks`, `replica_group`, `leads_replica`) is the
+TP x PP ranks of one DP index: sampling runs on one replica alone, its collectives on that group.
+
 Helpers for one forward_backward: `data_parallel_share` (this rank's contiguous slice of the
 batch), `first_failure` / `raise_first_failure` (every rank learns whether any rank failed,
 so no rank waits in a collective the others never reach), `gather_shares` (every DP rank's
@@ -46,6 +49,15 @@ class ParallelDims:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    def replica_ranks(self, replica: int) -> tuple[int, ...]:
+        """The global ranks of data-parallel replica `replica` (its model-parallel group: every
+        TP rank of every stage), in megatron-core's default order (tp fastest, then dp, then pp);
+        the first is the replica's leader (first stage, TP rank 0)."""
+        if not 0 <= replica < self.dp:
+            raise ValueError(f"replica {replica} of {self.dp}")
+        stage = self.tp * self.dp
+        return tuple(p * stage + replica * self.tp + t for p in range(self.pp) for t in range(self.tp))
 
     @classmethod
     def for_workers(cls, workers: int, tp: int = 0, pp: int = 0, *, weight_bytes: int = 0,
@@ -216,17 +228,17 @@ def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     return groups
 
 
-def first_failure(error: BaseException | None) -> BaseException | None:
+def first_failure(error: BaseException | None, group=None) -> BaseException | None:
     """The error to raise on this rank: its own, else the first one another rank hit (as a
-    `UserError` if it was one), else None. A collective over all ranks: a DP rank's share or
-    the last pipeline stage's loss may fail where the others did not."""
+    `UserError` if it was one), else None. A collective over all ranks (or those of `group`): a
+    DP rank's share or the last pipeline stage's loss may fail where the others did not."""
     import torch.distributed as dist
 
     from engine.messages import UserError
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = {} if error is None else {rank: (isinstance(error, UserError), f"{type(error).__name__}: {error}", str(error))}
-    reports = union_over_ranks(mine)
+    reports = union_over_ranks(mine, group)
     if error is not None or not reports:
         return error
     first = min(reports)
@@ -234,16 +246,19 @@ def first_failure(error: BaseException | None) -> BaseException | None:
     return UserError(message) if is_user else RuntimeError(f"rank {first} failed: {described}")
 
 
-def raise_first_failure(error: BaseException | None) -> None:
-    """Raise `first_failure(error)` on every rank if any rank failed; return on all if none did."""
-    error = first_failure(error)
+def raise_first_failure(error: BaseException | None, group=None) -> None:
+    """Raise `first_failure(error)` on every rank (of `group`) if any failed; return on all if none did."""
+    error = first_failure(error, group)
     if error is not None:
         raise error
 
 
-def from_rank_0(value: int, device) -> int:
-    """Global rank 0's `value`, on every rank (a collective over all ranks)."""
-    return _int_collective(value, device, lambda dist, t: dist.broadcast(t, src=0))
+def from_rank_0(value: int, device, group=None) -> int:
+    """The `value` of global rank 0 (or of the first rank of `group`), on every rank (of `group`)."""
+    def broadcast(dist, t):
+        dist.broadcast(t, src=0 if group is None else dist.get_process_group_ranks(group)[0], group=group)
+
+    return _int_collective(value, device, broadcast, group)
 
 
 def least_over_ranks(value: int, device) -> int:
@@ -251,26 +266,40 @@ def least_over_ranks(value: int, device) -> int:
     return _int_collective(value, device, lambda dist, t: dist.all_reduce(t, op=dist.ReduceOp.MIN))
 
 
-def _int_collective(value: int, device, collective) -> int:
+def _int_collective(value: int, device, collective, group=None) -> int:
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device)
     collective(dist, t)
     return int(t.item())
 
 
-def union_over_ranks(items: dict) -> dict:
-    """Every rank's `items` merged, on every rank (a collective over all ranks)."""
+def union_over_ranks(items: dict, group=None) -> dict:
+    """Every rank's `items` merged, on every rank (a collective over all ranks, or those of `group`)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return items
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, items)
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, items, group=group)
     return {k: v for part in every for k, v in part.items()}
+
+
+def replica_group():
+    """The process group of this rank's data-parallel replica (megatron-core's model-parallel
+    group: all TP and PP ranks of one DP index); None without a process group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    return parallel_state.get_model_parallel_group() if dist.is_initialized() else None
+
+
+def leads_replica() -> bool:
+    """Whether this rank answers for its replica: TP rank 0 of the first pipeline stage."""
+    return tp_rank() == 0 and is_first_stage()
 
 
 @dataclass
@@ -291,13 +320,6 @@ def _gather_dp(item: Any) -> list | None:
     items = [None] * dp_size() if dp_rank() == 0 else None
     dist.gather_object(item, items, group=dp_group(), group_dst=0)
     return items
-
-
-def gather_in_rank_order(items: list) -> list | None:
-    """Every DP rank's list concatenated in rank order (so in batch order) on DP rank 0; None
-    on the other ranks. A collective over the DP group."""
-    lists = _gather_dp(items)
-    return None if lists is None else [x for part in lists for x in part]
 
 
 def gather_shares(share: Share) -> Share | None:
