@@ -5,7 +5,8 @@
   (a retry) and gets the same future.
 - Everything else runs as soon as it arrives (the pool's queues are FIFO).
 - Sampling requests go to one data-parallel replica each (`WorkItem.replica`: its ranks alone
-  run them): the one with the fewest sample rows in flight. Requests handled in the same
+  run them), the one `engine.replica_router` picks: the least loaded, unless one holds most of
+  the prompt in its prefix cache. Requests handled in the same
   event-loop turn (a burst) are spread over the replicas that way and go as one item per
   replica, one turn after the first of them arrived; an item that reaches a replica already
   sampling joins its running batch between decode steps (continuous batching, see
@@ -28,6 +29,7 @@ from engine.futures import FutureStore
 from engine.messages import WorkItem, WorkResult
 from engine.metrics import TransportMetrics
 from engine.pool import WorkerPool
+from engine.replica_router import ReplicaRouter
 
 log = logging.getLogger("tinkercloud.scheduler")
 
@@ -69,7 +71,7 @@ class Scheduler:
         self.max_sample_rows = max_sample_rows
         self._lanes: dict[str, _ModelLane] = {}
         self._samples: list[tuple[_Job, int]] = []  # (job, rows) waiting for the next turn
-        self._replica_rows = [0] * replicas  # sample rows sent to each replica and not answered yet
+        self.router = ReplicaRouter(replicas)  # which data-parallel replica samples each request
         self._sampling_soon = False  # waiting samples go on the next event-loop turn
         self.metrics = TransportMetrics()
 
@@ -151,13 +153,13 @@ class Scheduler:
         self.futures.complete(job.request_id, payload, kind)
 
     def _start_sampling(self) -> None:
-        """Each waiting request to the replica with the fewest rows in flight (in arrival order);
-        one item per replica, or more where one would exceed `max_sample_rows`."""
+        """Each waiting request (in arrival order) to the replica the router picks; one item per
+        replica, or more where one would exceed `max_sample_rows`."""
         self._sampling_soon = False
         batches: dict[int, list[tuple[list[_Job], int]]] = {}  # replica -> its (jobs, rows) items
         for job, n in self._samples:
-            replica = min(range(len(self._replica_rows)), key=lambda r: self._replica_rows[r])
-            self._replica_rows[replica] += n
+            adapter = job.args.get("adapter") or {}
+            replica = self.router.pick((job.args.get("base_model"), adapter.get("key")), job.args["prompt"], n)
             items = batches.setdefault(replica, [])
             if not items or items[-1][1] + n > self.max_sample_rows:
                 items.append(([], 0))
@@ -172,7 +174,7 @@ class Scheduler:
                     lambda f, jobs=jobs, replica=replica, rows=rows: self._finish_sampling(jobs, replica, rows, f.result()))
 
     def _finish_sampling(self, batch: list[_Job], replica: int, rows: int, res: WorkResult) -> None:
-        self._replica_rows[replica] -= rows
+        self.router.done(replica, rows)
         for i, job in enumerate(batch):
             if res.error is not None:
                 self._finish(job, res)

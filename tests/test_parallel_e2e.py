@@ -157,6 +157,29 @@ def test_replicas_sample_on_their_own_while_training_waits_its_turn(server_dp2):
     assert len(long.result(timeout=300).sequences[0].tokens) == 1500
 
 
+def test_the_next_turn_goes_to_the_replica_whose_prefix_cache_holds_the_first(server_dp2):
+    """Four first turns reach the server in one event-loop turn (DP=2: two per replica); their
+    next turns (each first turn, its answer and two new tokens) arrive in the opposite order, which
+    the least-loaded choice alone would send to the other replicas. Every one of them reuses its
+    first turn's K/V from the prefix cache."""
+    from tinker.proto.response_conv import deserialize_sample_response
+
+    raw = RawClient(server_dp2.url)
+    first_turns = _sample_bodies(raw, 4, 4)
+    for i, body in enumerate(first_turns):
+        body["prompt"]["chunks"][0]["tokens"] = [3000 + 100 * i + t for t in range(48)]
+    answers = [deserialize_sample_response(raw.result(h["request_id"]))
+               for h in post_in_one_turn(server_dp2, "/api/v1/asample", first_turns)]
+    assert all(a.prompt_cache_hit_tokens == 0 for a in answers)
+    next_turns = []
+    for i, (body, answer) in enumerate(zip(first_turns, answers)):
+        tokens = body["prompt"]["chunks"][0]["tokens"] + answer.sequences[0].tokens + [7, 8]
+        next_turns.append({**body, "seq_id": 10 + i, "prompt": {"chunks": [{"type": "encoded_text", "tokens": tokens}]}})
+    handles = post_in_one_turn(server_dp2, "/api/v1/asample", next_turns[::-1])
+    hits = [deserialize_sample_response(raw.result(h["request_id"])).prompt_cache_hit_tokens for h in handles]
+    assert all(hit >= 48 for hit in hits), hits  # the first turn at least (and the answer's K/V)
+
+
 def _sft_loss(logprobs, weights):
     return -(logprobs * weights).sum(), {"custom/lp:mean": logprobs.mean(), "custom/loss:sum": -(logprobs * weights).sum()}
 
