@@ -187,12 +187,14 @@ def free_port() -> int:
 class Server:
     """`python tinkercloud.py` serving one model on a free loopback port, in a throw-away data dir."""
 
-    def __init__(self, api_key: str, base_model: str, model_dir: str, workers: int, dtype: str):
+    def __init__(self, api_key: str, base_model: str, model_dir: str, workers: int, dtype: str, tp: int | None = None):
         self.data_dir, self.port = Path(tempfile.mkdtemp(prefix="tinkercloud-bench-")), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, str(ROOT / "tinkercloud.py"), "--host", "127.0.0.1", "--port", str(self.port),
                     "--data-dir", str(self.data_dir), "--workers", str(workers), "--api-key", api_key,
                     "--model", f"{base_model}={model_dir}", "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype]]
+        if tp is not None:
+            self.cmd += ["--tp", str(tp)]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 600) -> "Server":
@@ -627,6 +629,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base-model", help="the server's name for the base model")
     p.add_argument("--models-cache", default=str(Path(tempfile.gettempdir()) / "tinkercloud-bench-models"))
     p.add_argument("--workers", type=int, default=1, help="worker processes of a started server")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree of a started server (the rest of --workers is "
+                   "data parallel; unset: the server's own choice, on CPU every worker in one TP group)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="base weights of the started server and the in-process run (adapters stay fp32)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the started server's workers and the in-process run")
     p.add_argument("--no-server", action="store_true", help="in-process only")
@@ -674,7 +678,7 @@ def measure(args: argparse.Namespace, wl: Workload, model_dir: str | None, base_
     if args.start_server and not args.no_server:
         if not has_weights(model_dir):
             sys.exit(f"{model_dir} holds no weights (a shape for in-process runs with random weights): add --no-server")
-        server = Server(args.api_key, base_model, model_dir, args.workers, args.dtype).start()
+        server = Server(args.api_key, base_model, model_dir, args.workers, args.dtype, args.tp).start()
     url = None if args.no_server else server.url if server else args.url
     runs: dict[str, list[dict]] = {"server": [], "inprocess": []}
     try:
