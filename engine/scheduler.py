@@ -164,7 +164,8 @@ class Scheduler:
             if not items or items[-1][1] + n > self.max_sample_rows:
                 items.append(([], 0))
             jobs, rows = items[-1]
-            items[-1] = (jobs + [job], rows + n)
+            jobs.append(job)
+            items[-1] = (jobs, rows + n)
         self._samples = []
         for replica, items in batches.items():
             for jobs, rows in items:
