@@ -145,3 +145,36 @@ def test_fused_factors_round_trip_and_unfusable_adapters_are_refused():
                "base_model.model.model.layers.0.self_attn.rotary.lora_B.weight": torch.zeros(5, 2)}
     with pytest.raises(UserError, match="cannot train"):
         from_peft(foreign, layout)
+
+
+def test_a_checkpoint_read_during_an_overwrite_gives_every_file_of_one_save(tmp_path, monkeypatch):
+    """A save with overwrite=True swaps a new folder in; a reader caught in between reads again,
+    and one that never gets a stable folder is told to load again."""
+    from backends.miles import peft_format
+    from engine.messages import UserError
+
+    folder = tmp_path / "ckpt"
+
+    def save(version: float, snapshot: str) -> None:
+        peft_format.write_checkpoint(folder, {"w": torch.full((2,), version)}, {"r": 2},
+                                     {"snapshot_id": snapshot}, optimizer={"m": torch.full((1,), version)})
+
+    save(1.0, "snap-1")
+    real_read = peft_format.read_adapter
+    overwrites = iter([(2.0, "snap-2")])
+
+    def read_then_overwrite(f):
+        got = real_read(f)  # the old adapter ...
+        following = next(overwrites, None)  # ... then, maybe, a save swaps a new folder in
+        if following is not None:
+            save(*following)
+        return got
+
+    monkeypatch.setattr(peft_format, "read_adapter", read_then_overwrite)
+    saved = peft_format.read_checkpoint(folder, with_optimizer=True)
+    assert saved.snapshot_id == "snap-2"
+    assert saved.tensors["w"].tolist() == [2.0, 2.0] and saved.optimizer["m"].tolist() == [2.0]
+
+    overwrites = iter((float(v), f"snap-{v}") for v in range(3, 100))  # saved over on every read
+    with pytest.raises(UserError, match="saved over again while it was being read"):
+        peft_format.read_checkpoint(folder)

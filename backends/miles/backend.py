@@ -32,8 +32,8 @@ from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, d
                                      raise_first_failure, replica_group, union_over_ranks, is_global_rank_0,
                                      merge_metrics, merge_over_stages, pp_group, pp_size, to_first_stage, tp_size)
 from backends.miles.schedule import MicroBatch
-from backends.miles.peft_format import (FusedLayout, adapter_config, from_peft, lora_flags, read_adapter, read_meta,
-                                        read_optimizer, to_peft, write_checkpoint)
+from backends.miles.peft_format import (FusedLayout, SavedCheckpoint, adapter_config, from_peft, lora_flags,
+                                        read_checkpoint, to_peft, write_checkpoint)
 from backends.miles.prefix_cache import PrefixCache
 from backends.miles.sampler import SampleResult, SampleSpec, generate
 from engine.batch import pack_outputs, unpack_datums
@@ -223,21 +223,25 @@ class MilesBackend(TrainingBackend):
 
     def load_checkpoint(self, model_id, base_model, path, with_optimizer):
         """Every rank reads its part of the files; if any rank fails (a file deleted between two
-        ranks' reads, say), all of them fail and none keeps a half-loaded adapter."""
+        ranks' reads, say) or ranks read different saves (one overwrote it in between), all of
+        them fail and none keeps a half-loaded adapter."""
         base = self.bases[base_model]
-        folder = Path(path)
-        error = None
+        error, saved = None, None
         try:
-            flags = self._install(base, model_id, folder, trainable=True)
+            saved = read_checkpoint(Path(path), with_optimizer)
+            flags = self._install(base, model_id, saved, trainable=True)
             optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group(), self.device)
             if with_optimizer:
                 try:
-                    optimizer.load_moments(self._local_moments(base, read_optimizer(folder)))
+                    optimizer.load_moments(self._local_moments(base, saved.optimizer))
                 except (KeyError, ValueError) as e:
                     raise UserError(f"the checkpoint's optimizer state does not fit its adapter: {e}") from None
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
         error = first_failure(error)
+        versions = union_over_ranks({} if saved is None else {dist.get_rank(): saved.snapshot_id})
+        if error is None and len(set(versions.values())) > 1:
+            error = UserError("the checkpoint was saved over while it was being loaded; load it again")
         if error is not None:
             if base.lora.has_adapter(model_id) and model_id not in self.runs:
                 base.lora.remove_adapter(model_id)
@@ -283,12 +287,11 @@ class MilesBackend(TrainingBackend):
             moments[kind] = base.lora.shard_full_state(moments[kind])
         return moments
 
-    def _install(self, base: _Base, name: str, folder: Path, trainable: bool) -> dict[str, Any]:
-        """Load the PEFT adapter saved in `folder` as adapter `name` (any TP degree can read it);
-        returns its LoRA flags."""
-        tensors, config = read_adapter(folder)
-        flags = lora_flags(config)
-        full = from_peft(tensors, self._layout(base))
+    def _install(self, base: _Base, name: str, saved: SavedCheckpoint, trainable: bool) -> dict[str, Any]:
+        """Load a saved PEFT adapter as adapter `name` (any TP degree can read it); returns its
+        LoRA flags."""
+        flags = lora_flags(saved.config)
+        full = from_peft(saved.tensors, self._layout(base))
         try:
             base.lora.load_adapter_state(name, base.lora.shard_full_state(full), rank=flags["rank"],
                                          alpha=flags["alpha"], trainable=trainable)
@@ -302,10 +305,10 @@ class MilesBackend(TrainingBackend):
 
     def _load_snapshot(self, base: _Base, key: str, path: str) -> None:
         """Load a saved sampler checkpoint as the frozen adapter `key`."""
-        folder = Path(path)
-        if read_meta(folder).get("snapshot_id") != key:
+        saved = read_checkpoint(Path(path))
+        if saved.snapshot_id != key:
             raise UserError("the checkpoint this sampler was created from has been overwritten or deleted since")
-        self._install(base, key, folder, trainable=False)
+        self._install(base, key, saved, trainable=False)
         self._remember(key, base)
 
     def _forget_snapshot(self, key: str) -> None:

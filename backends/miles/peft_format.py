@@ -14,7 +14,8 @@ Conversion from our full (HF-order) factor layout (see `lora.py`):
 - `output_layer` is `lm_head`; B's padded vocabulary rows are dropped on write and zero-filled
   on read.
 Folders are written into a hidden temporary folder and then renamed into place, so a crash
-mid-save never leaves a half-written checkpoint visible.
+mid-save never leaves a half-written checkpoint visible; `read_checkpoint` gives every file of
+one save even while a save with overwrite swaps the folder.
 """
 from __future__ import annotations
 
@@ -233,3 +234,28 @@ def read_meta(folder: Path) -> dict[str, Any]:
         return json.loads((folder / META_FILE).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"checkpoint at {folder.name} has no readable metadata: {e}") from None
+
+
+@dataclass
+class SavedCheckpoint:
+    """One version of a checkpoint folder, every file of it from the same save."""
+
+    snapshot_id: str | None  # the save's id (new for every save, overwrites included)
+    tensors: dict[str, torch.Tensor]  # PEFT adapter tensors
+    config: dict[str, Any]  # adapter_config.json
+    optimizer: dict[str, torch.Tensor] | None  # flat AdamW state, when asked for
+
+
+def read_checkpoint(folder: Path, with_optimizer: bool = False, attempts: int = 3) -> SavedCheckpoint:
+    """The checkpoint in `folder`, all of its files from one save. A save with overwrite=True
+    swaps a whole new folder in, so a reader could get some files of each; the metadata's
+    snapshot_id is read before and after the other files, and the read is repeated when a swap
+    came in between. UserError if the folder cannot be read or keeps changing."""
+    for _ in range(attempts):
+        before = read_meta(folder).get("snapshot_id")
+        tensors, config = read_adapter(folder)
+        optimizer = read_optimizer(folder) if with_optimizer else None
+        if read_meta(folder).get("snapshot_id") == before:
+            return SavedCheckpoint(before, tensors, config, optimizer)
+    raise UserError(f"checkpoint at {folder.name} was saved over again while it was being read; load it again")
+
