@@ -284,6 +284,32 @@ def test_tensor_and_pipeline_parallel_together_match_one_worker(server, tiny_mod
         assert four[key] == pytest.approx(one[key], rel=1e-5)
 
 
+def test_two_replicas_of_two_pipeline_stages_sample_on_their_own_and_match_one_worker(server, tiny_models, tmp_path):
+    """4 workers as PP=2 x DP=2: a burst of sampling requests is spread over both replicas, each
+    passing hidden states between its own two stages while the other does the same, and gives
+    one worker's tokens; training before and after uses all four ranks."""
+    srv = ServerProcess(tmp_path, {QWEN: tiny_models[QWEN]}, workers=4, extra_args=("--tp", "1", "--pp", "2")).start()
+    try:
+        assert "tp=1 x pp=2 x dp=2" in srv.log_path.read_text()
+        got = []
+        for url in (server.url, srv.url):
+            run = _train(url, 3)
+            sampler = run["client"].save_weights_and_get_sampling_client().result()
+            futures = [sampler.sample(types.ModelInput.from_ints(SEQS[i % 3][:3 + i]), 2,
+                                      types.SamplingParams(max_tokens=6, temperature=1.0, seed=20 + i, stop=[]))
+                       for i in range(6)]
+            after = run["client"].forward(_data(3), "cross_entropy")  # queued behind the burst on every rank
+            got.append(([s.tokens for f in futures for s in f.result().sequences], logprobs_of(after.result()),
+                        run["loss"]))
+        replicas = _replica_items(srv)
+    finally:
+        srv.stop()
+    assert got[1][0] == got[0][0]
+    _assert_close_lists(got[1][1], got[0][1])
+    assert got[1][2] == pytest.approx(got[0][2], rel=1e-5)
+    assert set(replicas) == {"0", "1"}
+
+
 def test_tied_embeddings_split_over_two_stages_with_the_automatic_micro_batch_budget(tmp_path):
     """A tied-embedding checkpoint (like Qwen3-0.6B) on PP=2: the last stage loads its own copy of
     the embedding as the output layer. Both servers plan micro-batches from free memory (no fixed
