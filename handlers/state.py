@@ -86,14 +86,20 @@ class CustomLossStore:
         for `find` to report, in the request's turn."""
         if isinstance(loss_id, str) and loss_id not in self._loaded:
             try:
-                await asyncio.to_thread(self._read, loss_id)
+                stored = await asyncio.to_thread(self._read, loss_id)
             except UserError:
-                pass
+                return
+            if stored is not None:
+                self._loaded[loss_id] = stored  # here, on the event loop: the LRU is not thread-safe
 
     def find(self, loss_id: str, session_id: str) -> CustomLoss:
         """The loss `loss_id`, if the session `session_id` created it; else UserError. Reads its
         file when it is not in memory (the handlers `prefetch` first, so that is rare)."""
-        stored = self._loaded.get(loss_id) or self._read(loss_id)
+        stored = self._loaded.get(loss_id)
+        if stored is None:
+            stored = self._read(loss_id)
+            if stored is not None:
+                self._loaded[loss_id] = stored
         if stored is None:
             raise UserError(f"unknown custom loss_id {loss_id!r} (create it with create_custom_loss on this server)")
         if stored.session_id != session_id:
@@ -109,7 +115,8 @@ class CustomLossStore:
         write_json(self._file(loss_id), record)
 
     def _read(self, loss_id: str) -> StoredLoss | None:
-        """The stored loss from its file (parsed again), or None if there is no such loss."""
+        """The stored loss from its file (parsed again), or None if there is no such loss. Touches
+        nothing in memory, so it may run in a worker thread."""
         if not LOSS_ID.fullmatch(loss_id):  # also keeps the name inside the folder
             return None
         try:
@@ -121,9 +128,7 @@ class CustomLossStore:
                             "create it again") from None
         if not isinstance(record, dict) or not isinstance(record.get("session_id"), str):
             raise UserError(f"custom loss {loss_id!r} could not be read back (malformed record); create it again")
-        stored = StoredLoss(record["session_id"], CustomLoss.from_wire(record))
-        self._loaded[loss_id] = stored
-        return stored
+        return StoredLoss(record["session_id"], CustomLoss.from_wire(record))
 
 
 @dataclass

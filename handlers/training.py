@@ -82,9 +82,9 @@ async def forward_backward(request: web.Request) -> web.Response:
     async def make() -> dict[str, Any]:
         st = state(request)
         msg = parse_forward_backward(await request.read(), request.headers.get("Content-Encoding"))
-        run = st.registry.run(msg.model_id)
         if msg.loss_fn == "custom":  # its loss may have to be read back from disk: not on the loop
             await st.custom_losses.prefetch(_named_loss_id(msg))
+        run = st.registry.run(msg.model_id)  # after the await: the run may have been unloaded meanwhile
 
         def build():
             fb = forward_backward_from_message(msg)

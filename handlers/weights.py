@@ -114,8 +114,8 @@ async def load_weights(request: web.Request) -> web.Response:
         body = await json_body(request)
         if body.get("session_id") is not None:
             return _create_run_from_checkpoint(st, body, await _read_checkpoint(st, body))
-        run = st.registry.run(need(body, "model_id", str))
         found = await _read_checkpoint(st, body)
+        run = st.registry.run(need(body, "model_id", str))  # after the await: it may have been unloaded meanwhile
 
         def build():
             path, meta, with_optimizer = _loadable(body, found)

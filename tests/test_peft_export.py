@@ -175,6 +175,12 @@ def test_a_checkpoint_read_during_an_overwrite_gives_every_file_of_one_save(tmp_
     assert saved.snapshot_id == "snap-2"
     assert saved.tensors["w"].tolist() == [2.0, 2.0] and saved.optimizer["m"].tolist() == [2.0]
 
+    hidden = tmp_path / ".ckpt.old-1"  # between the two renames of a swap the folder is missing
+    folder.rename(hidden)
+    overwrites = iter([])
+    monkeypatch.setattr(peft_format.time, "sleep", lambda _: hidden.rename(folder))
+    assert peft_format.read_checkpoint(folder).snapshot_id == "snap-2"  # read again once it is back
+
     overwrites = iter((float(v), f"snap-{v}") for v in range(3, 100))  # saved over on every read
     with pytest.raises(UserError, match="saved over again while it was being read"):
         peft_format.read_checkpoint(folder)

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,11 +252,16 @@ def read_checkpoint(folder: Path, with_optimizer: bool = False, attempts: int = 
     swaps a whole new folder in, so a reader could get some files of each; the metadata's
     snapshot_id is read before and after the other files, and the read is repeated when a swap
     came in between. UserError if the folder cannot be read or keeps changing."""
-    for _ in range(attempts):
-        before = read_meta(folder).get("snapshot_id")
-        tensors, config = read_adapter(folder)
-        optimizer = read_optimizer(folder) if with_optimizer else None
-        if read_meta(folder).get("snapshot_id") == before:
-            return SavedCheckpoint(before, tensors, config, optimizer)
+    for attempt in range(attempts):
+        try:
+            before = read_meta(folder).get("snapshot_id")
+            tensors, config = read_adapter(folder)
+            optimizer = read_optimizer(folder) if with_optimizer else None
+            if read_meta(folder).get("snapshot_id") == before:
+                return SavedCheckpoint(before, tensors, config, optimizer)
+        except UserError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)  # maybe between the two renames of a swap: the folder comes back
     raise UserError(f"checkpoint at {folder.name} was saved over again while it was being read; load it again")
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
@@ -203,11 +204,7 @@ class _Runner:
         weight = model.embedding.word_embeddings.weight if self.stages.first else next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         if self.use_rope and not self.rope_fused:
-            # megatron-core's unfused RoPE, (t * cos) + (rotate_half(t) * sin) with cos and sin of
-            # the angles times mscale in the activations' dtype, computed here once for every
-            # position instead of twice per layer and step: the same numbers, fewer operations.
-            self.rope_cos = (torch.cos(self.rope_table) * self.mscale).to(self.dtype)
-            self.rope_sin = (torch.sin(self.rope_table) * self.mscale).to(self.dtype)
+            self.rope_cos, self.rope_sin = _rope_cos_sin(model, self.rope_table, self.mscale, self.dtype)
 
     # -- pieces --------------------------------------------------------------------------
     def _rope_at(self, pos: torch.Tensor):
@@ -274,9 +271,7 @@ class _Runner:
         else:
             h = self.stages.from_previous((s, tokens.shape[0], self.cfg.hidden_size), self.dtype, self.device)
         rope_at = self._rope_at(pos.t()) if self.use_rope else None
-        # SDPA turns a boolean mask into an additive one on every call: done once here instead.
-        mask = torch.zeros(key_ok.shape, dtype=self.dtype, device=self.device).masked_fill_(~key_ok, float("-inf"))
-        mask = mask.unsqueeze(1)  # [b, 1, s, kv]
+        mask = None  # SDPA turns a boolean mask into an additive one on every call: made once, below
         for layer, (kc, vc) in zip(self.layers, caches):
             attn = layer.self_attention
             residual = h
@@ -293,6 +288,9 @@ class _Runner:
             kc[:, :, col0 : col0 + s] = k
             vc[:, :, col0 : col0 + s] = v
             keys, vals = kc[:, :, : col0 + s], vc[:, :, : col0 + s]
+            if mask is None:  # [b, 1, s, kv], in the queries' dtype as SDPA wants it
+                mask = torch.zeros(key_ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_ok, float("-inf"))
+                mask = mask.unsqueeze(1)
             ctx = F.scaled_dot_product_attention(  # [b, np, s, d]; query heads read their group's K/V
                 q.permute(1, 2, 0, 3), keys, vals, attn_mask=mask, scale=self.scale,
                 enable_gqa=q.shape[2] != keys.shape[1],
@@ -324,6 +322,23 @@ class _Runner:
                 )
             )
         return caches
+
+
+# model -> ((angles' storage, shape, mscale, dtype), cos, sin): see _rope_cos_sin
+_ROPE_COS_SIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _rope_cos_sin(model, table: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """megatron-core's unfused RoPE is (t * cos) + (rotate_half(t) * sin), with cos and sin of
+    the angles times mscale in the activations' dtype, computed twice per layer and step; here
+    they are computed once for every position of the model and kept while it lives (a
+    generation would otherwise redo [max_len, rot_dim] of them): the same numbers."""
+    key = (table.data_ptr(), tuple(table.shape), mscale, dtype)  # megatron-core caches the angles' tensor
+    kept = _ROPE_COS_SIN.get(model)
+    if kept is None or kept[0] != key:
+        kept = (key, (torch.cos(table) * mscale).to(dtype), (torch.sin(table) * mscale).to(dtype))
+        _ROPE_COS_SIN[model] = kept
+    return kept[1], kept[2]
 
 
 class _Stages:
