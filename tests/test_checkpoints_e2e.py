@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tinker
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tinker import types
 
 from tests.conftest import API_KEY, ServerProcess
@@ -117,6 +117,31 @@ def test_load_state_rewinds_a_run_in_order_and_overwrite_is_explicit(service_cli
     run, kind, name = saved.removeprefix("tinker://").split("/")
     meta = json.loads((server.data_dir / "checkpoints" / run / kind / name / "tinkercloud.json").read_text())
     assert meta["base_model"] == QWEN and meta["lora"]["rank"] == 4 and meta["expires_at"] is None
+
+
+def test_a_load_that_fails_on_the_workers_leaves_the_run_as_it_was(service_client, server):
+    """A checkpoint whose optimizer state lacks a factor fails load_state_with_optimizer after its
+    adapter was installed: the run keeps its own adapter (not the checkpoint's) and an optimizer
+    that still moves it."""
+    tc = service_client.create_lora_training_client(QWEN, rank=4, seed=8).result()
+    train(tc, BATCHES[:1])
+    saved = tc.save_state("no-optimizer").result().path
+    train(tc, BATCHES[1:2])
+    before = logprobs_of(tc.forward(BATCHES[3], "cross_entropy").result())[0]
+    run, kind, name = saved.removeprefix("tinker://").split("/")
+    optimizer_file = server.data_dir / "checkpoints" / run / kind / name / "optimizer.safetensors"
+    moments = load_file(str(optimizer_file))
+    dropped = next(k for k in sorted(moments) if k.endswith(".exp_avg"))
+    save_file({k: v for k, v in moments.items() if k != dropped}, str(optimizer_file))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with pytest.raises(tinker.RequestFailedError, match="optimizer state does not fit"):
+            tc.load_state_with_optimizer(saved).result()
+    kept = logprobs_of(tc.forward(BATCHES[3], "cross_entropy").result())[0]
+    np.testing.assert_array_equal(kept, before)  # not the checkpoint's adapter
+    train(tc, BATCHES[2:3])
+    moved = logprobs_of(tc.forward(BATCHES[3], "cross_entropy").result())[0]
+    assert np.abs(moved - before).max() > 1e-4  # its optimizer still updates the live adapter
 
 
 def test_bad_checkpoint_requests_get_clear_errors_and_the_run_keeps_training(service_client, server):

@@ -222,15 +222,17 @@ class MilesBackend(TrainingBackend):
         return {"path": path}
 
     def load_checkpoint(self, model_id, base_model, path, with_optimizer):
-        """Every rank reads its part of the files; if any rank fails (a file deleted between two
-        ranks' reads, say) or ranks read different saves (one overwrote it in between), all of
-        them fail and none keeps a half-loaded adapter."""
+        """Every rank reads its part of the files into a staging adapter; if any rank fails (a file
+        deleted between two ranks' reads, say) or ranks read different saves (one overwrote it in
+        between), all of them fail, the staging adapter goes and a run that was loaded keeps its
+        adapter and optimizer; else the staging adapter becomes the run's."""
         base = self.bases[base_model]
+        staging = f"{model_id}#loading"  # the run's own adapter is replaced only once every rank has this one
         error, saved = None, None
         try:
             saved = read_checkpoint(Path(path), with_optimizer)
-            flags = self._install(base, model_id, saved, trainable=True)
-            optimizer = AdapterOptimizer(base.lora.adapter_params(model_id), _tp_group(), dp_group(), pp_group(), self.device)
+            flags = self._install(base, staging, saved, trainable=True)
+            optimizer = AdapterOptimizer(base.lora.adapter_params(staging), _tp_group(), dp_group(), pp_group(), self.device)
             if with_optimizer:
                 try:
                     optimizer.load_moments(self._local_moments(base, saved.optimizer))
@@ -243,9 +245,10 @@ class MilesBackend(TrainingBackend):
         if error is None and len(set(versions.values())) > 1:
             error = UserError("the checkpoint was saved over while it was being loaded; load it again")
         if error is not None:
-            if base.lora.has_adapter(model_id) and model_id not in self.runs:
-                base.lora.remove_adapter(model_id)
-            raise error
+            if base.lora.has_adapter(staging):
+                base.lora.remove_adapter(staging)
+            raise error  # a run that was loaded keeps its adapter and optimizer as they were
+        base.lora.rename_adapter(staging, model_id)
         self.runs[model_id] = _Run(base, optimizer, flags)
         return {"model_id": model_id}
 

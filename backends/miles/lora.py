@@ -325,6 +325,17 @@ class LoraManager:
         config = self.adapter_config(src)
         self.load_adapter_state(dst, self.adapter_state(src), rank=config.rank, alpha=config.alpha, trainable=trainable)
 
+    def rename_adapter(self, src: str, dst: str) -> None:
+        """Give adapter `src` the name `dst`, replacing any adapter called `dst`. Its Parameters
+        stay the same objects, so an optimizer built on them keeps working."""
+        config = self.adapter_config(src)
+        if self.has_adapter(dst):
+            self.remove_adapter(dst)
+        for path in config.modules:
+            self.modules[path].adapters[dst] = self.modules[path].adapters.pop(src)
+        del self._adapters[src]
+        self._adapters[dst] = config
+
     def remove_adapter(self, name: str) -> None:
         for path in self.adapter_config(name).modules:
             del self.modules[path].adapters[name]
