@@ -180,6 +180,27 @@ def test_the_next_turn_goes_to_the_replica_whose_prefix_cache_holds_the_first(se
     assert all(hit >= 48 for hit in hits), hits  # the first turn at least (and the answer's K/V)
 
 
+def test_every_replica_keeps_the_same_in_memory_samplers(server_dp2):
+    """Samplers saved without a path live only in memory, 64 of them, oldest first out. Using one
+    on a single replica must not make the replicas keep different ones: after 64 newer saves the
+    first sampler is gone for every request, whichever replica takes it, and the newest works."""
+    run = _client(server_dp2.url).create_lora_training_client(QWEN, rank=4, seed=3).result()
+    first = run.save_weights_and_get_sampling_client().result()
+    params = types.SamplingParams(max_tokens=2, temperature=1.0, seed=1, stop=[])
+    prompt = types.ModelInput.from_ints(SEQS[2][:4])
+    newer = [run.save_weights_and_get_sampling_client().result() for _ in range(63)]
+    assert len(first.sample(prompt, 1, params).result().sequences[0].tokens) == 2  # one replica uses it
+    newer.append(run.save_weights_and_get_sampling_client().result())  # the 65th: the oldest goes
+    outcomes = []
+    for f in [first.sample(prompt, 1, params) for _ in range(4)]:  # spread over the replicas
+        try:
+            outcomes.append(len(f.result().sequences[0].tokens))
+        except tinker.RequestFailedError as e:
+            outcomes.append("gone" if "no longer in memory" in str(e) else str(e))
+    assert outcomes == ["gone"] * 4
+    assert [len(f.result().sequences[0].tokens) for f in [newer[-1].sample(prompt, 1, params) for _ in range(4)]] == [2] * 4
+
+
 def _sft_loss(logprobs, weights):
     return -(logprobs * weights).sum(), {"custom/lp:mean": logprobs.mean(), "custom/loss:sum": -(logprobs * weights).sum()}
 

@@ -40,7 +40,7 @@ from engine.batch import pack_outputs, unpack_datums
 from engine.messages import UserError
 from engine.registry import stamped
 
-MAX_SNAPSHOTS = 64  # frozen sampler adapters kept in memory (least recently used go first)
+MAX_SNAPSHOTS = 64  # frozen sampler adapters kept in memory, of each kind (see `_remember_saved`)
 MICROBATCH_MEMORY_SHARE = 0.25  # of the memory free at start-up that one micro-batch may take
 LOGITS_BYTES = 12  # per logit entry: fp32 logits, their log-softmax and its gradient
 MIN_MICROBATCH_LOGITS = 1 << 27  # never fewer logits (rows x width x local vocab) per micro-batch
@@ -91,7 +91,11 @@ class MilesBackend(TrainingBackend):
             model = build_model(path, self.device, dtype, spec.recompute)
             self.bases[name] = _Base(name, path, ModelInfo.from_dir(path), model, LoraManager(model))
         self.runs: dict[str, _Run] = {}
-        self.snapshots: OrderedDict[str, _Base] = OrderedDict()  # snapshot key -> its base model
+        # Frozen sampler adapters, snapshot key -> its base model: those save_for_sampler made (an
+        # operation of every rank, so the same on every replica) and those this replica read back
+        # from a checkpoint for a sampler (sampling reaches one replica only).
+        self.saved: OrderedDict[str, _Base] = OrderedDict()
+        self.loaded: OrderedDict[str, _Base] = OrderedDict()
         self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
         # Every rank must cut a batch into the same micro-batches: plan from the least free memory.
         self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device) * MICROBATCH_MEMORY_SHARE)
@@ -205,7 +209,7 @@ class MilesBackend(TrainingBackend):
     def save_for_sampler(self, model_id, sampler_key, path, meta):
         run = self._run(model_id)
         run.base.lora.clone_adapter(model_id, sampler_key, trainable=False)
-        self._remember(sampler_key, run.base)
+        self._remember_saved(sampler_key, run.base)
         if path is not None:
             self._write_checkpoint(run, sampler_key, Path(path), meta, optimizer=None)
         return {"sampler_key": sampler_key}
@@ -312,22 +316,28 @@ class MilesBackend(TrainingBackend):
         if saved.snapshot_id != key:
             raise UserError("the checkpoint this sampler was created from has been overwritten or deleted since")
         self._install(base, key, saved, trainable=False)
-        self._remember(key, base)
+        self.loaded[key] = base
+        for old in [k for k in self.loaded if k not in self._in_use and k != key]:
+            if len(self.loaded) <= MAX_SNAPSHOTS:
+                break
+            self._forget_snapshot(old)  # the least recently used: read back again when needed
+
+    def _has_snapshot(self, key: str) -> bool:
+        return key in self.saved or key in self.loaded
 
     def _forget_snapshot(self, key: str) -> None:
-        base = self.snapshots.pop(key, None)
+        base = self.saved.pop(key, None) or self.loaded.pop(key, None)
         if base is not None:
             base.lora.remove_adapter(key)
 
-    def _remember(self, key: str, base: _Base) -> None:
-        """Keep snapshot `key`; evict the least recently used ones beyond MAX_SNAPSHOTS, except
-        those rows of the running sampling batch use."""
-        self.snapshots[key] = base
-        self.snapshots.move_to_end(key)
-        for old in [k for k in self.snapshots if k not in self._in_use and k != key]:
-            if len(self.snapshots) <= MAX_SNAPSHOTS:
-                break
-            self._forget_snapshot(old)
+    def _remember_saved(self, key: str, base: _Base) -> None:
+        """Keep the snapshot save_for_sampler made; beyond MAX_SNAPSHOTS the oldest go. Only this
+        operation, which every rank runs, changes `saved` or its order, so every replica keeps the
+        same ones (a snapshot saved without a path exists nowhere else). No sampling batch runs
+        during it, so none is in use."""
+        self.saved[key] = base
+        while len(self.saved) > MAX_SNAPSHOTS:
+            self._forget_snapshot(next(iter(self.saved)))
 
     # ---- sampling ------------------------------------------------------------------------
     def _adapter_for(self, req: dict[str, Any]) -> str | None:
@@ -335,8 +345,10 @@ class MilesBackend(TrainingBackend):
         if adapter is None:
             return None
         key = adapter["key"]
-        if key in self.snapshots:
-            self.snapshots.move_to_end(key)
+        if key in self.saved:
+            return key
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
             return key
         if adapter.get("path"):
             self._load_snapshot(self.bases[req["base_model"]], key, adapter["path"])
@@ -371,7 +383,7 @@ class MilesBackend(TrainingBackend):
         error = None
         try:
             for i, req in enumerate(requests):
-                was_loaded = (req.get("adapter") or {}).get("key") in self.snapshots
+                was_loaded = self._has_snapshot((req.get("adapter") or {}).get("key"))
                 try:
                     adapters[i] = self._adapter_for(req)
                 except UserError as e:
@@ -402,7 +414,7 @@ class MilesBackend(TrainingBackend):
             joined = _Joined(joins, self._resolve, results, [i for i, _ in next(iter(by_base.values()))])
         for name, specs in by_base.items():
             base, cache = self.bases[name], self.prefix_caches[name]
-            cache.retain(lambda adapter: adapter is None or adapter in self.snapshots)  # evicted snapshots' K/V go too
+            cache.retain(lambda adapter: adapter is None or self._has_snapshot(adapter))  # evicted snapshots' K/V go too
             poll = on_done = None
             if joined is not None:
                 poll, on_done = functools.partial(joined.take, name), joined.done
