@@ -63,6 +63,9 @@ def _free_port(avoid: frozenset[int] = frozenset()) -> int:
 
 class WorkerPool:
     def __init__(self, spec: WorkerSpec, reserved_ports: frozenset[int] = frozenset()) -> None:
+        replicas = spec.world_size // (spec.tp * spec.pp)
+        if replicas > 1 and len(spec.replicas) != replicas:  # else sampling items would reach every rank
+            raise ValueError(f"a layout with {replicas} data-parallel replicas needs their ranks in WorkerSpec.replicas")
         self.spec = spec
         # the server's own port, bound only after the workers start: never their rendezvous port
         self.reserved_ports = reserved_ports

@@ -28,6 +28,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -398,5 +399,8 @@ def _remove_folder(folder: Path) -> None:
         os.replace(folder, hidden)
     except FileNotFoundError:
         return
-    threading.Thread(target=shutil.rmtree, args=(hidden,), kwargs={"ignore_errors": True},
-                     name="tinkercloud-remove-checkpoint", daemon=True).start()
+    _REMOVER.submit(shutil.rmtree, hidden, ignore_errors=True)
+
+
+# Deletes hidden checkpoint folders one after another, off the caller's thread (`_remove_folder`).
+_REMOVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkercloud-remove-checkpoint")

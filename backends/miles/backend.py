@@ -82,7 +82,8 @@ class MilesBackend(TrainingBackend):
         self.replica = replica_group()  # sampling runs on this rank's replica alone
         self.leads_replica = leads_replica()
         mine = dims.replica_ranks(dp_rank())
-        if dist.get_rank() not in mine or self.leads_replica != (dist.get_rank() == mine[0]):
+        group = dist.get_process_group_ranks(self.replica) if self.replica is not None else [0]
+        if sorted(group) != sorted(mine) or self.leads_replica != (dist.get_rank() == mine[0]):
             raise RuntimeError(f"rank {dist.get_rank()}: megatron-core's groups differ from the server's layout "
                                f"(replica {dp_rank()} = ranks {mine}, led by the first)")
         dtype = _weights_dtype(spec.dtype, self.device)

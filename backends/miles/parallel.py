@@ -28,12 +28,18 @@ The module imports torch only inside functions: the server process imports `Para
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
 
 
 WEIGHT_SHARE = 0.5  # of a GPU's memory that one rank's base-weight shard may take when the layout is automatic
+# How long a rank may wait in a collective. A training item reaches an idle replica at once and
+# waits in its collectives until every other replica has finished the sampling batch it is
+# running, which can take many minutes (NCCL's default watchdog would end the pool after 10). A
+# peer that dies is noticed by the pool's watcher, not by this timeout.
+COLLECTIVE_TIMEOUT_MINUTES = 6 * 60
 
 
 @dataclass(frozen=True)
@@ -111,14 +117,16 @@ def init_distributed(dims: ParallelDims, seed: int = 1234):
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://")
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp,
-                                                 pipeline_model_parallel_size=dims.pp)
+                                                 pipeline_model_parallel_size=dims.pp,
+                                                 distributed_timeout_minutes=COLLECTIVE_TIMEOUT_MINUTES)
     model_parallel_cuda_manual_seed(seed)
     return device
 
