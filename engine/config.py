@@ -19,6 +19,7 @@ EMBEDDED_MODEL_NAME = "tinkercloud/tiny-qwen3"
 BACKENDS = ("miles", "nemo_rl")
 DTYPES = ("auto", "float32", "bfloat16")
 RECOMPUTE = ("none", "selective", "full")
+LORA_COMPUTE = ("float32", "base")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Config:
     pp: int = 0  # pipeline-parallel degree; 0: chosen likewise; tp x pp must divide the workers, the rest is DP
     dtype: str = "auto"  # base weights: bfloat16 on GPUs, float32 on CPU; adapters and Adam state stay float32
     recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (whole layers)
+    lora_compute: str = "float32"  # LoRA products in float32, or in the base weights' dtype ("base")
     long_poll_seconds: float = 30.0
     session_timeout_seconds: float = 300.0  # no heartbeat for this long: the session's runs are unloaded
     max_sample_batch_rows: int = 64
@@ -58,6 +60,8 @@ class Config:
                              f"got tp={self.tp} pp={self.pp}")
         if self.dtype not in DTYPES:
             raise ValueError(f"TINKERCLOUD_DTYPE must be one of {DTYPES}, got {self.dtype!r}")
+        if self.lora_compute not in LORA_COMPUTE:
+            raise ValueError(f"TINKERCLOUD_LORA_COMPUTE must be one of {LORA_COMPUTE}, got {self.lora_compute!r}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"TINKERCLOUD_RECOMPUTE must be one of {RECOMPUTE}, got {self.recompute!r}")
         for key in self.api_keys:
@@ -91,6 +95,7 @@ class Config:
             "pp": env.get("TINKERCLOUD_PP"),
             "dtype": env.get("TINKERCLOUD_DTYPE"),
             "recompute": env.get("TINKERCLOUD_RECOMPUTE"),
+            "lora_compute": env.get("TINKERCLOUD_LORA_COMPUTE"),
             "session_timeout_seconds": env.get("TINKERCLOUD_SESSION_TIMEOUT"),
             "models": env.get("TINKERCLOUD_MODELS") or env.get("SUPPORTED_MODELS"),
             "allow_partial_batches": env.get("ALLOW_PARTIAL_BATCHES"),
@@ -117,6 +122,8 @@ class Config:
         p.add_argument("--pp", type=int, help="pipeline-parallel degree; tp x pp must divide --workers")
         p.add_argument("--dtype", choices=DTYPES, help="base weight dtype (default: bfloat16 on GPU, float32 on CPU)")
         p.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation for long sequences")
+        p.add_argument("--lora-compute", choices=LORA_COMPUTE,
+                       help="dtype of the LoRA products: float32 (default) or the base weights' (factors stay float32)")
         p.add_argument("--model", action="append", metavar="NAME=PATH|ORG/NAME[@REV]",
                        help="serve an HF checkpoint dir, or a hub model from the local HF cache (repeatable)")
         p.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
@@ -125,7 +132,8 @@ class Config:
         cfg = cls.from_env(base=base)
         flags = {
             "host": a.host, "port": a.port, "backend": a.backend, "data_dir": a.data_dir,
-            "workers": a.workers, "tp": a.tp, "pp": a.pp, "dtype": a.dtype, "recompute": a.recompute, "models": ",".join(a.model) if a.model else None,
+            "workers": a.workers, "tp": a.tp, "pp": a.pp, "dtype": a.dtype, "recompute": a.recompute,
+            "lora_compute": a.lora_compute, "models": ",".join(a.model) if a.model else None,
             "api_keys": ",".join(a.api_key) if a.api_key else None,
         }
         values = _as_dict(cfg)

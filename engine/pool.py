@@ -40,6 +40,7 @@ class WorkerSpec:
     pp: int = 1  # pipeline-parallel degree; world_size // (tp * pp) data-parallel replicas
     dtype: str = "auto"  # base weights (Config.dtype)
     recompute: str = "none"  # activation recomputation (Config.recompute)
+    lora_compute: str = "float32"  # dtype of the LoRA products (Config.lora_compute)
     # the global ranks of each data-parallel replica, its leader first (ParallelDims.replica_ranks);
     # empty: one replica of every rank
     replicas: tuple[tuple[int, ...], ...] = ()

@@ -44,8 +44,13 @@ def test_recomputation_changes_no_number(server, tiny_models, tmp_path, mode):
     assert again["sampled"] == base["sampled"]
 
 
-def test_bfloat16_base_weights_keep_float32_adapters(server, tiny_models, tmp_path):
-    srv = _start(tmp_path, tiny_models, "--dtype", "bfloat16")
+@pytest.mark.parametrize("lora_compute", ["float32", "base"])
+def test_bfloat16_base_weights_keep_float32_adapters(server, tiny_models, tmp_path, lora_compute):
+    """Also with the LoRA products in bf16 (`--lora-compute base`): the factors, their Adam state
+    and the checkpoint stay float32."""
+    srv = _start(tmp_path, tiny_models, "--dtype", "bfloat16", "--lora-compute", lora_compute)
+    products = "torch.bfloat16" if lora_compute == "base" else "torch.float32"
+    assert f"base weights in torch.bfloat16, LoRA products in {products}" in srv.log_path.read_text()
     try:
         client = tinker.ServiceClient(base_url=srv.url, api_key=API_KEY)
         tc = client.create_lora_training_client(QWEN, rank=4, seed=3).result()

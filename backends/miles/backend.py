@@ -9,6 +9,7 @@ SGLang behind the same `sample` operation.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -39,6 +40,8 @@ from backends.miles.sampler import SampleResult, SampleSpec, generate
 from engine.batch import pack_outputs, unpack_datums
 from engine.messages import UserError
 from engine.registry import stamped
+
+log = logging.getLogger("tinkercloud.miles")
 
 MAX_SNAPSHOTS = 64  # frozen sampler adapters kept in memory, of each kind (see `_remember_saved`)
 MICROBATCH_MEMORY_SHARE = 0.25  # of the memory free at start-up that one micro-batch may take
@@ -87,10 +90,14 @@ class MilesBackend(TrainingBackend):
             raise RuntimeError(f"rank {dist.get_rank()}: megatron-core's groups differ from the server's layout "
                                f"(replica {dp_rank()} = ranks {mine}, led by the first)")
         dtype = _weights_dtype(spec.dtype, self.device)
+        lora_dtype = dtype if spec.lora_compute == "base" else torch.float32  # factors stay float32 either way
+        if is_global_rank_0():
+            log.info("base weights in %s, LoRA products in %s", dtype, lora_dtype)
         self.bases: dict[str, _Base] = {}
         for name, path in spec.models.items():
             model = build_model(path, self.device, dtype, spec.recompute)
-            self.bases[name] = _Base(name, path, ModelInfo.from_dir(path), model, LoraManager(model))
+            self.bases[name] = _Base(name, path, ModelInfo.from_dir(path), model,
+                                     LoraManager(model, compute_dtype=lora_dtype))
         self.runs: dict[str, _Run] = {}
         # Frozen sampler adapters, snapshot key -> its base model: those save_for_sampler made (an
         # operation of every rank, so the same on every replica) and those this replica read back
