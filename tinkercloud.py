@@ -106,7 +106,7 @@ def create_app(config: Config) -> web.Application:
             app[STATE] = st
             reaper = asyncio.create_task(reap_periodically(
                 st.registry, st.scheduler, config.session_timeout_seconds,
-                min(REAP_INTERVAL_SECONDS, config.session_timeout_seconds / 4)))
+                min(REAP_INTERVAL_SECONDS, config.session_timeout_seconds / 4), st.custom_losses.forget_sessions))
             log.info("serving %s on http://%s:%d with %d worker(s), tp=%d x pp=%d x dp=%d (%s backend)",
                      ", ".join(sorted(infos)), config.host, config.port, spec.world_size, dims.tp, dims.pp, dims.dp,
                      config.backend)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from engine.scheduler import Scheduler
 
 MAX_LOADED_LOSSES = 4096
 LOSS_ID = re.compile(r"loss-[0-9a-f]{32}")
+SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # the registry's uuid4s
 
 
 class BoundedDict(OrderedDict):
@@ -62,11 +64,13 @@ class StoredLoss:
 
 
 class CustomLossStore:
-    """Uploaded custom losses by loss_id, each written to `<folder>/<loss_id>.json` when it is
-    created, so an id a client holds still works after a server restart.
+    """Uploaded custom losses by loss_id, each written to `<folder>/<session_id>/<loss_id>.json`
+    when it is created, so an id a client holds still works after a server restart; files of
+    earlier versions, `<folder>/<loss_id>.json`, are still read.
 
     The most recently used losses are kept parsed in memory (an LRU); one that is not is read
-    back from its file when a request names it, and checked against the allow-lists again.
+    back from its file when a request names it, and checked against the allow-lists again. The
+    losses of sessions that are gone (`forget_sessions`, from the reaper) are deleted.
     """
 
     def __init__(self, folder: Path, limit: int = MAX_LOADED_LOSSES) -> None:
@@ -76,17 +80,17 @@ class CustomLossStore:
     async def add(self, session_id: str, loss: CustomLoss) -> str:
         """Store `loss` for `session_id` (the file is written off the event loop); its new loss_id."""
         loss_id = f"loss-{uuid.uuid4().hex}"
-        await asyncio.to_thread(self._write, loss_id, {"session_id": session_id, **loss.wire})
+        await asyncio.to_thread(self._write, session_id, loss_id, {"session_id": session_id, **loss.wire})
         self._loaded[loss_id] = StoredLoss(session_id, loss)
         return loss_id
 
-    async def prefetch(self, loss_id: str) -> None:
+    async def prefetch(self, loss_id: str, session_id: str) -> None:
         """Read `loss_id` back from its file into memory (off the event loop) if it is not there,
         so that `find`, which runs on the event loop, never touches the disk. Problems are left
         for `find` to report, in the request's turn."""
         if isinstance(loss_id, str) and loss_id not in self._loaded:
             try:
-                stored = await asyncio.to_thread(self._read, loss_id)
+                stored = await asyncio.to_thread(self._read, loss_id, session_id)
             except UserError:
                 return
             if stored is not None:
@@ -97,7 +101,7 @@ class CustomLossStore:
         file when it is not in memory (the handlers `prefetch` first, so that is rare)."""
         stored = self._loaded.get(loss_id)
         if stored is None:
-            stored = self._read(loss_id)
+            stored = self._read(loss_id, session_id)
             if stored is not None:
                 self._loaded[loss_id] = stored
         if stored is None:
@@ -106,26 +110,52 @@ class CustomLossStore:
             raise UserError(f"custom loss {loss_id!r} belongs to another session; create it in this one")
         return stored.loss
 
-    def _file(self, loss_id: str) -> Path:
-        return self.folder / f"{loss_id}.json"
+    async def forget_sessions(self, gone: set[str]) -> None:
+        """Delete the losses of the sessions in `gone` (their files in a worker thread)."""
+        removed = await asyncio.to_thread(self._remove_sessions, gone)
+        for loss_id in [k for k, stored in self._loaded.items() if stored.session_id in removed]:
+            del self._loaded[loss_id]
 
-    def _write(self, loss_id: str, record: dict[str, Any]) -> None:
+    def _remove_sessions(self, gone: set[str]) -> set[str]:
+        """Remove the folders of the sessions in `gone` that have one; their ids."""
+        try:
+            have = {p.name for p in self.folder.iterdir() if p.is_dir()}
+        except FileNotFoundError:
+            return set()
+        removed = have & gone
+        for session_id in removed:
+            shutil.rmtree(self.folder / session_id, ignore_errors=True)
+        return removed
+
+    def _files(self, session_id: str, loss_id: str) -> list[Path]:
+        """Where the loss may be: its session's folder, then (files of earlier versions) the top."""
+        top = self.folder / f"{loss_id}.json"
+        return [self.folder / session_id / f"{loss_id}.json", top] if SESSION_ID.fullmatch(session_id) else [top]
+
+    def _write(self, session_id: str, loss_id: str, record: dict[str, Any]) -> None:
         """Write the file in one step: a reader finds the whole record or none."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(self._file(loss_id), record)
+        file = self._files(session_id, loss_id)[0]
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(file, record)
 
-    def _read(self, loss_id: str) -> StoredLoss | None:
-        """The stored loss from its file (parsed again), or None if there is no such loss. Touches
-        nothing in memory, so it may run in a worker thread."""
+    def _read(self, loss_id: str, session_id: str) -> StoredLoss | None:
+        """The stored loss from its file (parsed again), or None if there is no such loss (or it
+        belongs to another session, whose folder is not looked in). Touches nothing in memory,
+        so it may run in a worker thread."""
         if not LOSS_ID.fullmatch(loss_id):  # also keeps the name inside the folder
             return None
-        try:
-            record = json.loads(self._file(loss_id).read_text())
-        except FileNotFoundError:
+        record = None
+        for file in self._files(session_id, loss_id):
+            try:
+                record = json.loads(file.read_text())
+                break
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                raise UserError(f"custom loss {loss_id!r} could not be read back ({type(e).__name__}); "
+                                "create it again") from None
+        if record is None:
             return None
-        except (OSError, ValueError) as e:
-            raise UserError(f"custom loss {loss_id!r} could not be read back ({type(e).__name__}); "
-                            "create it again") from None
         if not isinstance(record, dict) or not isinstance(record.get("session_id"), str):
             raise UserError(f"custom loss {loss_id!r} could not be read back (malformed record); create it again")
         return StoredLoss(record["session_id"], CustomLoss.from_wire(record))

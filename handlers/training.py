@@ -83,7 +83,8 @@ async def forward_backward(request: web.Request) -> web.Response:
         st = state(request)
         msg = parse_forward_backward(await request.read(), request.headers.get("Content-Encoding"))
         if msg.loss_fn == "custom":  # its loss may have to be read back from disk: not on the loop
-            await st.custom_losses.prefetch(_named_loss_id(msg))
+            run = st.registry.run(msg.model_id)
+            await st.custom_losses.prefetch(_named_loss_id(msg), run.session_id)
         run = st.registry.run(msg.model_id)  # after the await: the run may have been unloaded meanwhile
 
         def build():

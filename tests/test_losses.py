@@ -316,21 +316,43 @@ def test_data_dependent_selections_are_sized_at_their_largest():
 
 
 # ---- the store of uploaded losses ----------------------------------------------------------------------
+SESSION, OTHER = "0f0e0d0c-0b0a-4909-8807-060504030201", "1f1e1d1c-1b1a-4919-8817-161514131211"
+
+
 def test_uploaded_losses_are_kept_on_disk_and_found_again_by_a_new_store(tmp_path):
     loss = uploaded(weighted_nll, {"logprobs": 1, "weights": 1, "scale": 0})
-    loss_id = asyncio.run(CustomLossStore(tmp_path).add("s", loss))
-    assert [p.name for p in tmp_path.iterdir()] == [f"{loss_id}.json"]  # written in one step: no temp file left
+    loss_id = asyncio.run(CustomLossStore(tmp_path).add(SESSION, loss))
+    # in its session's folder, written in one step: no temp file left
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == [SESSION, f"{SESSION}/{loss_id}.json"]
 
     restarted = CustomLossStore(tmp_path)  # what a restarted server has: nothing in memory
-    found = restarted.find(loss_id, "s")
+    assert restarted._read(loss_id, OTHER) is None  # another session's request does not find it on disk
+    found = restarted.find(loss_id, SESSION)
     lp, datum = torch.tensor([-0.5, -4.0, -1.0]), {"weights": torch.tensor([1.0, 2.0, 0.5]), "scale": torch.tensor(2.0)}
     assert float(found.run([lp], [datum])[0]) == float(loss.run([lp], [datum])[0])
-    assert restarted.find(loss_id, "s") is found  # read from disk once, then kept in memory
+    assert restarted.find(loss_id, SESSION) is found  # read from disk once, then kept in memory
     with pytest.raises(UserError, match="belongs to another session"):
-        restarted.find(loss_id, "other")
+        restarted.find(loss_id, OTHER)
     for unknown in ("loss-" + "0" * 32, "../" + loss_id, str(tmp_path / loss_id)):
         with pytest.raises(UserError, match="unknown custom loss_id"):
-            restarted.find(unknown, "s")
+            restarted.find(unknown, SESSION)
+
+    legacy = CustomLossStore(tmp_path / "legacy")  # a file of an earlier version: <folder>/<loss_id>.json
+    old_id = asyncio.run(legacy.add("not-a-registry-session-id", loss))
+    assert (tmp_path / "legacy" / f"{old_id}.json").is_file()
+    assert CustomLossStore(tmp_path / "legacy")._read(old_id, SESSION).session_id == "not-a-registry-session-id"
+
+
+def test_the_losses_of_sessions_that_are_gone_are_deleted(tmp_path):
+    store = CustomLossStore(tmp_path)
+    loss = uploaded(weighted_nll, {"logprobs": 1, "weights": 1, "scale": 0})
+    mine, theirs = (asyncio.run(store.add(session, loss)) for session in (SESSION, OTHER))
+    asyncio.run(store.forget_sessions({SESSION, "2f2e2d2c-2b2a-4929-8827-262524232221"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [OTHER]
+    for where in (store, CustomLossStore(tmp_path)):  # neither in memory nor on disk
+        with pytest.raises(UserError, match="unknown custom loss_id"):
+            where.find(mine, SESSION)
+        assert where.find(theirs, OTHER).name == loss.name
 
 
 def test_prefetch_reads_a_stored_loss_off_the_event_loop_so_find_never_touches_the_disk(tmp_path, monkeypatch):
@@ -340,16 +362,16 @@ def test_prefetch_reads_a_stored_loss_off_the_event_loop_so_find_never_touches_t
     reads = []
     real_read = CustomLossStore._read
 
-    def read(self, name):
+    def read(self, name, session_id):
         reads.append(threading.get_ident())
-        return real_read(self, name)
+        return real_read(self, name, session_id)
 
     monkeypatch.setattr(CustomLossStore, "_read", read)
 
     async def handler_turn():
-        await restarted.prefetch(loss_id)
-        await restarted.prefetch("loss-" + "0" * 32)  # unknown: nothing to read, nothing raised here
-        await restarted.prefetch(None)  # a request that names no loss as text
+        await restarted.prefetch(loss_id, "s")
+        await restarted.prefetch("loss-" + "0" * 32, "s")  # unknown: nothing to read, nothing raised here
+        await restarted.prefetch(None, "s")  # a request that names no loss as text
         return threading.get_ident(), restarted.find(loss_id, "s")
 
     loop_thread, found = asyncio.run(handler_turn())

@@ -5,6 +5,7 @@ import time
 
 from tests.conftest import ServerProcess
 from tests.helpers import RawClient, fb_body, sft_datum
+from tests.test_losses import uploaded, weighted_nll
 
 
 def test_abandoned_sessions_lose_their_loaded_runs_and_live_ones_keep_them(tmp_path, tiny_models, monkeypatch):
@@ -14,6 +15,12 @@ def test_abandoned_sessions_lose_their_loaded_runs_and_live_ones_keep_them(tmp_p
         raw = RawClient(srv.url)
         live, silent, finished = raw.session(), raw.session(), raw.session()
         models = {s: raw.create_model(s, "tiny-qwen3") for s in (live, silent, finished)}
+        loss = uploaded(weighted_nll, {"logprobs": 1, "weights": 1, "scale": 0}).wire
+        losses = {s: raw.result(raw.post("create_custom_loss", {"session_id": s, **loss}).json()["request_id"])
+                  for s in (live, finished)}
+        assert all(r.get("loss_id") for r in losses.values()), losses
+        stored = srv.data_dir / "custom_losses"
+        assert sorted(p.name for p in stored.iterdir()) == sorted([live, finished])
         raw.post(f"sessions/{finished}/finish", {"reason": {"type": "success"}, "detail": None})
         for _ in range(8):  # 8 s: twice the timeout, with heartbeats for `live` only
             raw.post("session_heartbeat", {"session_id": live, "type": "session_heartbeat"})
@@ -24,5 +31,8 @@ def test_abandoned_sessions_lose_their_loaded_runs_and_live_ones_keep_them(tmp_p
         for session in (silent, finished):
             gone = raw.post("forward_backward", content=fb_body(models[session], 1, data))
             assert gone.status_code == 404 and "no longer loaded" in gone.json()["error"]
+        # the finished session's uploaded loss is deleted; the live one's (and a silent session's,
+        # for a week) is kept
+        assert [p.name for p in stored.iterdir()] == [live]
     finally:
         srv.stop()
