@@ -195,11 +195,15 @@ class Registry:
 
     # ---- persistence ---------------------------------------------------------------------
     def _load(self) -> None:
+        started = time.time()
         for key in list(self._store.iterkeys()):
             kind, _, _ = str(key).partition("/")
             record = self._store.get(key)
             if kind == "session":
-                self.sessions[record["session_id"]] = Session(**record)
+                # Heartbeats are not written to disk: this process has heard from no client yet,
+                # so every session's silence counts from now (its own files are not deleted for
+                # a silence that a restart made look long).
+                self.sessions[record["session_id"]] = Session(**{**record, "last_heartbeat": started})
             elif kind == "run":
                 self.runs[record["model_id"]] = TrainingRun(**{**record, "lora": LoraSpec(**record["lora"])})
             elif kind == "sampler":
@@ -225,6 +229,13 @@ class Registry:
         s = self.sessions.get(session_id)
         if s is None:
             raise LookupError(f"unknown session_id {session_id!r}")
+        return s
+
+    def finish_session(self, session_id: str, reason: str) -> Session:
+        """The client ended the session (kept on disk: its files may then be deleted)."""
+        s = self.session(session_id)
+        s.finished = reason
+        self._save("session", s.session_id, s)
         return s
 
     # ---- training runs -------------------------------------------------------------------

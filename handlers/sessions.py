@@ -37,8 +37,8 @@ async def session_heartbeat(request: web.Request) -> web.Response:
 
 async def finish_session(request: web.Request) -> web.Response:
     body = await json_body(request)
-    session = state(request).registry.session(request.match_info["session_id"])
-    session.finished = str(opt(body, "reason", dict, {}).get("type", "success"))
+    state(request).registry.finish_session(request.match_info["session_id"],
+                                           str(opt(body, "reason", dict, {}).get("type", "success")))
     return web.json_response({})
 
 

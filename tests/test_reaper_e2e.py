@@ -36,3 +36,21 @@ def test_abandoned_sessions_lose_their_loaded_runs_and_live_ones_keep_them(tmp_p
         assert [p.name for p in stored.iterdir()] == [live]
     finally:
         srv.stop()
+
+
+def test_a_finished_session_stays_finished_and_a_restart_does_not_make_one_look_silent(tmp_path):
+    """What the reaper reads survives a restart: `finished` is kept on disk; heartbeats are not,
+    so a reopened registry counts every session's silence from its own start."""
+    from engine.reaper import RETENTION_SECONDS, gone_sessions
+    from engine.registry import Registry
+
+    registry = Registry(str(tmp_path))
+    done, quiet = registry.new_session(None, None), registry.new_session(None, None)
+    registry.finish_session(done.session_id, "success")
+    quiet.last_heartbeat -= 2 * RETENTION_SECONDS  # silent far longer than the retention ...
+    registry._save("session", quiet.session_id, quiet)
+    assert gone_sessions(registry, time.time()) == {done.session_id, quiet.session_id}
+    reopened = Registry(str(tmp_path))  # ... then the server restarts
+    assert reopened.sessions[done.session_id].finished == "success"
+    assert gone_sessions(reopened, time.time()) == {done.session_id}
+    assert gone_sessions(reopened, time.time() + RETENTION_SECONDS + 1) == {done.session_id, quiet.session_id}
