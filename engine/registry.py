@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -232,10 +232,12 @@ class Registry:
         return s
 
     def finish_session(self, session_id: str, reason: str) -> Session:
-        """The client ended the session (kept on disk: its files may then be deleted)."""
+        """The client ended the session (kept on disk: its files may then be deleted). The first
+        reason given stands."""
         s = self.session(session_id)
-        s.finished = reason
-        self._save("session", s.session_id, s)
+        if not s.finished:
+            s.finished = reason
+            self._save("session", s.session_id, s)
         return s
 
     # ---- training runs -------------------------------------------------------------------
@@ -410,8 +412,17 @@ def _remove_folder(folder: Path) -> None:
         os.replace(folder, hidden)
     except FileNotFoundError:
         return
-    _REMOVER.submit(shutil.rmtree, hidden, ignore_errors=True)
+    _REMOVALS.put(hidden)
 
 
-# Deletes hidden checkpoint folders one after another, off the caller's thread (`_remove_folder`).
-_REMOVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkercloud-remove-checkpoint")
+def _remove_hidden_folders_forever() -> None:
+    while True:
+        folder = _REMOVALS.get()
+        shutil.rmtree(folder, ignore_errors=True)
+        _REMOVALS.task_done()
+
+
+# Hidden checkpoint folders to delete, one after another, off the caller's thread (`_remove_folder`).
+# A daemon thread: shutting down does not wait for it; what it leaves is removed at the next start.
+_REMOVALS: "queue.Queue[Path]" = queue.Queue()
+threading.Thread(target=_remove_hidden_folders_forever, name="tinkercloud-remove-checkpoint", daemon=True).start()

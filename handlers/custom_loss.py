@@ -23,6 +23,8 @@ async def create_custom_loss(request: web.Request) -> web.Response:
         st = state(request)
         body = await json_body(request)
         session = st.registry.session(need(body, "session_id", str))
+        if session.finished:  # its losses are deleted at the next sweep
+            raise UserError(f"session {session.session_id} has finished; create a new one")
         request_id = st.futures.create()
         try:
             loss = CustomLoss.parse(body.get("name"), body.get("inputs"), body.get("graph"))

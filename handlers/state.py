@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import uuid
@@ -76,6 +77,19 @@ class CustomLossStore:
     def __init__(self, folder: Path, limit: int = MAX_LOADED_LOSSES) -> None:
         self.folder = folder
         self._loaded: LruDict = LruDict(limit)  # loss_id -> StoredLoss
+        self._file_flat_losses()
+
+    def _file_flat_losses(self) -> None:
+        """Move files of the earlier flat layout into their sessions' folders, so they are
+        deleted with their sessions too (at start-up, before the server answers anything)."""
+        for file in self.folder.glob("loss-*.json") if self.folder.is_dir() else ():
+            try:
+                session_id = json.loads(file.read_text()).get("session_id")
+            except (OSError, ValueError, AttributeError):
+                continue  # unreadable: `find` reports it when asked
+            if isinstance(session_id, str) and SESSION_ID.fullmatch(session_id):
+                (self.folder / session_id).mkdir(exist_ok=True)
+                os.replace(file, self.folder / session_id / file.name)
 
     async def add(self, session_id: str, loss: CustomLoss) -> str:
         """Store `loss` for `session_id` (the file is written off the event loop); its new loss_id."""

@@ -341,6 +341,10 @@ def test_uploaded_losses_are_kept_on_disk_and_found_again_by_a_new_store(tmp_pat
     old_id = asyncio.run(legacy.add("not-a-registry-session-id", loss))
     assert (tmp_path / "legacy" / f"{old_id}.json").is_file()
     assert CustomLossStore(tmp_path / "legacy")._read(old_id, SESSION).session_id == "not-a-registry-session-id"
+    moved = (tmp_path / "legacy" / f"{loss_id}.json")  # a registry session's flat file moves to its folder
+    moved.write_bytes((tmp_path / SESSION / f"{loss_id}.json").read_bytes())
+    assert CustomLossStore(tmp_path / "legacy").find(loss_id, SESSION).name == loss.name
+    assert not moved.exists() and (tmp_path / "legacy" / SESSION / f"{loss_id}.json").is_file()
 
 
 def test_the_losses_of_sessions_that_are_gone_are_deleted(tmp_path):

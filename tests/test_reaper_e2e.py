@@ -22,6 +22,8 @@ def test_abandoned_sessions_lose_their_loaded_runs_and_live_ones_keep_them(tmp_p
         stored = srv.data_dir / "custom_losses"
         assert sorted(p.name for p in stored.iterdir()) == sorted([live, finished])
         raw.post(f"sessions/{finished}/finish", {"reason": {"type": "success"}, "detail": None})
+        late = raw.post("create_custom_loss", {"session_id": finished, **loss})
+        assert late.status_code == 400 and "has finished" in late.json()["error"]
         for _ in range(8):  # 8 s: twice the timeout, with heartbeats for `live` only
             raw.post("session_heartbeat", {"session_id": live, "type": "session_heartbeat"})
             time.sleep(1)
@@ -47,6 +49,7 @@ def test_a_finished_session_stays_finished_and_a_restart_does_not_make_one_look_
     registry = Registry(str(tmp_path))
     done, quiet = registry.new_session(None, None), registry.new_session(None, None)
     registry.finish_session(done.session_id, "success")
+    registry.finish_session(done.session_id, "error")  # the first reason stands
     quiet.last_heartbeat -= 2 * RETENTION_SECONDS  # silent far longer than the retention ...
     registry._save("session", quiet.session_id, quiet)
     assert gone_sessions(registry, time.time()) == {done.session_id, quiet.session_id}

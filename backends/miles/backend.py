@@ -257,8 +257,7 @@ class MilesBackend(TrainingBackend):
         if error is None and len(set(versions.values())) > 1:
             error = UserError("the checkpoint was saved over while it was being loaded; load it again")
         if error is not None:
-            if base.lora.has_adapter(staging):
-                base.lora.remove_adapter(staging)
+            base.lora.discard_adapter(staging)  # also factors a load that failed halfway installed
             raise error  # a run that was loaded keeps its adapter and optimizer as they were
         base.lora.rename_adapter(staging, model_id)
         self.runs[model_id] = _Run(base, optimizer, flags)
@@ -334,7 +333,8 @@ class MilesBackend(TrainingBackend):
         return key in self.saved or key in self.loaded
 
     def _forget_snapshot(self, key: str) -> None:
-        base = self.saved.pop(key, None) or self.loaded.pop(key, None)
+        """Drop snapshot `key` from whichever pool holds it (a key is only ever in one)."""
+        base = self.loaded.pop(key, None) if key in self.loaded else self.saved.pop(key, None)
         if base is not None:
             base.lora.remove_adapter(key)
 
@@ -396,15 +396,19 @@ class MilesBackend(TrainingBackend):
                     adapters[i] = self._adapter_for(req)
                 except UserError as e:
                     refused[i] = str(e)
-                if adapters.get(i) is not None and not was_loaded:
-                    loaded_now[i] = adapters[i]
+                if adapters.get(i) is not None:
+                    self._in_use.add(adapters[i])  # at once: a later load of this call must not evict it
+                    if not was_loaded:
+                        loaded_now[i] = adapters[i]
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
         raise_first_failure(error, self.replica)
         refused = union_over_ranks(refused, self.replica)
+        kept = {a for i, a in adapters.items() if a is not None and i not in refused}
         for i in refused.keys() & loaded_now.keys():  # refused elsewhere: keep the ranks' snapshots equal
+            if loaded_now[i] in kept:  # another request of this batch uses it
+                continue
             self._forget_snapshot(loaded_now[i])
-        self._in_use.update(a for i, a in adapters.items() if a is not None and i not in refused)
         return [(req, adapters.get(i), refused.get(i)) for i, req in enumerate(requests)]
 
     def _sample_share(self, items: list[tuple[dict[str, Any], str | None, str | None]], joins=None):

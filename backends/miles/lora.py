@@ -336,6 +336,13 @@ class LoraManager:
         del self._adapters[src]
         self._adapters[dst] = config
 
+    def discard_adapter(self, name: str) -> None:
+        """Remove every factor named `name`, even of an adapter whose loading failed halfway (not
+        registered yet); nothing if there is none."""
+        for module in self.modules.values():
+            module.adapters.pop(name, None)
+        self._adapters.pop(name, None)
+
     def remove_adapter(self, name: str) -> None:
         for path in self.adapter_config(name).modules:
             del self.modules[path].adapters[name]
