@@ -45,9 +45,10 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def save_for_sampler(self, model_id: str, sampler_key: str, path: str | None,
-                         meta: dict[str, Any] | None) -> dict[str, Any]:
+                         meta: dict[str, Any] | None, evict: list[str] = ()) -> dict[str, Any]:
         """Freeze a snapshot of the adapter under `sampler_key`; with `path`, also write it
-        there as a checkpoint folder (atomically), with `meta` beside it."""
+        there as a checkpoint folder (atomically), with `meta` beside it. The snapshots named in
+        `evict` (the least recently used, as the server sees them) are dropped first."""
 
     @abstractmethod
     def save_checkpoint(self, model_id: str, path: str, meta: dict[str, Any], overwrite: bool,

@@ -24,6 +24,7 @@ from engine.registry import Registry, write_json
 from engine.scheduler import Scheduler
 
 MAX_LOADED_LOSSES = 4096
+MAX_SNAPSHOTS = 64  # sampler snapshots the workers keep in memory
 LOSS_ID = re.compile(r"loss-[0-9a-f]{32}")
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # the registry's uuid4s
 
@@ -56,6 +57,29 @@ class LruDict(BoundedDict):
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
         self.move_to_end(key)
+
+
+class SnapshotUsage:
+    """The sampler snapshots the workers keep in memory, least recently used first, as the server
+    sees them: every save makes one and every sampling request uses one. The workers keep what
+    this says (each save_for_sampler names the snapshots to drop), so all replicas keep the same
+    ones, in least-recently-used order, although each sampling request reaches one replica only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._keys: OrderedDict[str, None] = OrderedDict()
+
+    def used(self, key: str | None) -> None:
+        if key in self._keys:
+            self._keys.move_to_end(key)
+
+    def saved(self, key: str) -> list[str]:
+        """A new snapshot; the least recently used ones beyond `limit`, for the workers to drop."""
+        self._keys[key] = None
+        dropped = []
+        while len(self._keys) > self.limit:
+            dropped.append(self._keys.popitem(last=False)[0])
+        return dropped
 
 
 @dataclass(frozen=True)
@@ -189,6 +213,8 @@ class ServerState:
     sample_handles: BoundedDict = field(default_factory=BoundedDict)
     # uploaded custom losses, under <data_dir>/custom_losses
     custom_losses: CustomLossStore = field(init=False)
+    # the sampler snapshots in the workers' memory (see SnapshotUsage)
+    snapshots: SnapshotUsage = field(default_factory=lambda: SnapshotUsage(MAX_SNAPSHOTS))
 
     def __post_init__(self) -> None:
         self.custom_losses = CustomLossStore(Path(self.config.data_dir).resolve() / "custom_losses")

@@ -42,13 +42,15 @@ async def save_weights_for_sampler(request: web.Request) -> web.Response:
         def build():
             if body.get("path") is not None:
                 path, meta, folder = _new_checkpoint(st, run, "sampler_weights", body)
-                args = {"model_id": run.model_id, "sampler_key": meta["snapshot_id"], "path": folder, "meta": meta}
+                args = {"model_id": run.model_id, "sampler_key": meta["snapshot_id"], "path": folder, "meta": meta,
+                        "evict": st.snapshots.saved(meta["snapshot_id"])}
                 reply = {"path": str(path), "sampling_session_id": None}
             else:
                 seq = need(body, "sampling_session_seq_id", int)
                 snapshot = new_snapshot_id()
                 sampler = st.registry.new_sampler(run.session_id, seq, run.base_model, None, {"key": snapshot})
-                args = {"model_id": run.model_id, "sampler_key": snapshot, "path": None, "meta": None}
+                args = {"model_id": run.model_id, "sampler_key": snapshot, "path": None, "meta": None,
+                        "evict": st.snapshots.saved(snapshot)}
                 reply = {"path": None, "sampling_session_id": sampler.sampler_id}
             return args, _replying({**reply, "type": "save_weights_for_sampler"})
 

@@ -181,24 +181,30 @@ def test_the_next_turn_goes_to_the_replica_whose_prefix_cache_holds_the_first(se
 
 
 def test_every_replica_keeps_the_same_in_memory_samplers(server_dp2):
-    """Samplers saved without a path live only in memory, 64 of them, oldest first out. Using one
-    on a single replica must not make the replicas keep different ones: after 64 newer saves the
-    first sampler is gone for every request, whichever replica takes it, and the newest works."""
+    """Samplers saved without a path live only in memory, 64 of them, the least recently used out.
+    Sampling reaches one replica at a time, yet every replica must keep the same ones: after 64
+    newer saves, the first sampler, used once since, is still there for every request, whichever
+    replica takes it; the second, never used, is gone for every request."""
     run = _client(server_dp2.url).create_lora_training_client(QWEN, rank=4, seed=3).result()
-    first = run.save_weights_and_get_sampling_client().result()
+    first, second = (run.save_weights_and_get_sampling_client().result() for _ in range(2))
     params = types.SamplingParams(max_tokens=2, temperature=1.0, seed=1, stop=[])
     prompt = types.ModelInput.from_ints(SEQS[2][:4])
-    newer = [run.save_weights_and_get_sampling_client().result() for _ in range(63)]
+    newer = [run.save_weights_and_get_sampling_client().result() for _ in range(62)]
     assert len(first.sample(prompt, 1, params).result().sequences[0].tokens) == 2  # one replica uses it
-    newer.append(run.save_weights_and_get_sampling_client().result())  # the 65th: the oldest goes
-    outcomes = []
-    for f in [first.sample(prompt, 1, params) for _ in range(4)]:  # spread over the replicas
-        try:
-            outcomes.append(len(f.result().sequences[0].tokens))
-        except tinker.RequestFailedError as e:
-            outcomes.append("gone" if "no longer in memory" in str(e) else str(e))
-    assert outcomes == ["gone"] * 4
-    assert [len(f.result().sequences[0].tokens) for f in [newer[-1].sample(prompt, 1, params) for _ in range(4)]] == [2] * 4
+    newer.append(run.save_weights_and_get_sampling_client().result())  # the 65th: the least recently used goes
+
+    def outcomes(sampler) -> list:
+        got = []
+        for f in [sampler.sample(prompt, 1, params) for _ in range(4)]:  # spread over the replicas
+            try:
+                got.append(len(f.result().sequences[0].tokens))
+            except tinker.RequestFailedError as e:
+                got.append("gone" if "no longer in memory" in str(e) else str(e))
+        return got
+
+    assert outcomes(second) == ["gone"] * 4
+    assert outcomes(first) == [2] * 4
+    assert outcomes(newer[-1]) == [2] * 4
 
 
 def _sft_loss(logprobs, weights):

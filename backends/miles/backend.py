@@ -43,7 +43,10 @@ from engine.registry import stamped
 
 log = logging.getLogger("tinkercloud.miles")
 
-MAX_SNAPSHOTS = 64  # frozen sampler adapters kept in memory, of each kind (see `_remember_saved`)
+# Frozen sampler adapters kept in memory: of those a replica read back from checkpoints, and at
+# most, of those save_for_sampler made (the server names which to drop: handlers.state.SnapshotUsage).
+MAX_SNAPSHOTS = 64
+MAX_SAVED_SNAPSHOTS = 4 * MAX_SNAPSHOTS
 MICROBATCH_MEMORY_SHARE = 0.25  # of the memory free at start-up that one micro-batch may take
 LOGITS_BYTES = 12  # per logit entry: fp32 logits, their log-softmax and its gradient
 MIN_MICROBATCH_LOGITS = 1 << 27  # never fewer logits (rows x width x local vocab) per micro-batch
@@ -214,7 +217,12 @@ class MilesBackend(TrainingBackend):
         return {"metrics": self._run(model_id).optimizer.step(adam)}
 
     # ---- checkpoints and sampler snapshots -----------------------------------------------
-    def save_for_sampler(self, model_id, sampler_key, path, meta):
+    def save_for_sampler(self, model_id, sampler_key, path, meta, evict=()):
+        """A frozen copy of the run's adapter for samplers; first the snapshots the server says
+        are now the least recently used go."""
+        for key in evict:
+            if key in self.saved:
+                self._forget_snapshot(key)
         run = self._run(model_id)
         run.base.lora.clone_adapter(model_id, sampler_key, trainable=False)
         self._remember_saved(sampler_key, run.base)
@@ -339,12 +347,13 @@ class MilesBackend(TrainingBackend):
             base.lora.remove_adapter(key)
 
     def _remember_saved(self, key: str, base: _Base) -> None:
-        """Keep the snapshot save_for_sampler made; beyond MAX_SNAPSHOTS the oldest go. Only this
-        operation, which every rank runs, changes `saved` or its order, so every replica keeps the
-        same ones (a snapshot saved without a path exists nowhere else). No sampling batch runs
-        during it, so none is in use."""
+        """Keep the snapshot save_for_sampler made. Only this operation, which every rank runs,
+        changes `saved`, so every replica keeps the same ones (a snapshot saved without a path
+        exists nowhere else): the ones the server did not name for eviction; beyond
+        MAX_SAVED_SNAPSHOTS (a server that names none) the oldest go. No sampling batch runs during
+        it, so none is in use."""
         self.saved[key] = base
-        while len(self.saved) > MAX_SNAPSHOTS:
+        while len(self.saved) > MAX_SAVED_SNAPSHOTS:
             self._forget_snapshot(next(iter(self.saved)))
 
     # ---- sampling ------------------------------------------------------------------------
