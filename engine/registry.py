@@ -412,7 +412,19 @@ def _remove_folder(folder: Path) -> None:
         os.replace(folder, hidden)
     except FileNotFoundError:
         return
+    _start_remover()
     _REMOVALS.put(hidden)
+
+
+def _start_remover() -> None:
+    """Start the thread that deletes hidden folders, on the first removal (worker processes, which
+    import this module too, never need it)."""
+    global _remover
+    with _remover_lock:
+        if _remover is None:
+            _remover = threading.Thread(target=_remove_hidden_folders_forever, name="tinkercloud-remove-checkpoint",
+                                        daemon=True)
+            _remover.start()
 
 
 def _remove_hidden_folders_forever() -> None:
@@ -425,4 +437,5 @@ def _remove_hidden_folders_forever() -> None:
 # Hidden checkpoint folders to delete, one after another, off the caller's thread (`_remove_folder`).
 # A daemon thread: shutting down does not wait for it; what it leaves is removed at the next start.
 _REMOVALS: "queue.Queue[Path]" = queue.Queue()
-threading.Thread(target=_remove_hidden_folders_forever, name="tinkercloud-remove-checkpoint", daemon=True).start()
+_remover_lock = threading.Lock()
+_remover: threading.Thread | None = None

@@ -43,10 +43,11 @@ from engine.registry import stamped
 
 log = logging.getLogger("tinkercloud.miles")
 
-# Frozen sampler adapters kept in memory: of those a replica read back from checkpoints, and at
-# most, of those save_for_sampler made (the server names which to drop: handlers.state.SnapshotUsage).
-MAX_SNAPSHOTS = 64
-MAX_SAVED_SNAPSHOTS = 4 * MAX_SNAPSHOTS
+# Frozen sampler adapters kept in memory: those a replica read back from checkpoints (least
+# recently used go first), and at most those save_for_sampler made (the server names which to
+# drop, handlers.state.SnapshotUsage; this cap only matters for a server that names none).
+MAX_LOADED_SNAPSHOTS = 64
+MAX_SAVED_SNAPSHOTS = 256
 MICROBATCH_MEMORY_SHARE = 0.25  # of the memory free at start-up that one micro-batch may take
 LOGITS_BYTES = 12  # per logit entry: fp32 logits, their log-softmax and its gradient
 MIN_MICROBATCH_LOGITS = 1 << 27  # never fewer logits (rows x width x local vocab) per micro-batch
@@ -333,7 +334,7 @@ class MilesBackend(TrainingBackend):
         self._install(base, key, saved, trainable=False)
         self.loaded[key] = base
         for old in [k for k in self.loaded if k not in self._in_use and k != key]:
-            if len(self.loaded) <= MAX_SNAPSHOTS:
+            if len(self.loaded) <= MAX_LOADED_SNAPSHOTS:
                 break
             self._forget_snapshot(old)  # the least recently used: read back again when needed
 
@@ -459,7 +460,7 @@ class _Joined:
         self.slots: list[tuple[int, int]] = [(0, j) for j in first_slots]  # (item, request) of each spec, in spec order
 
     def take(self, base_model: str) -> list[SampleSpec]:
-        """The specs of the requests that join now (a collective over all ranks)."""
+        """The specs of the requests that join now (a collective over the replica's ranks)."""
         new = []
         for reqs in self.joins.take(lambda reqs: all(r["base_model"] == base_model for r in reqs)):
             k = len(self.items)
