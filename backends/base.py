@@ -8,8 +8,9 @@ are plain Python values and tensors/arrays (see `engine.messages`). A method rai
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ContextManager
 
 from engine.messages import OPS
 
@@ -68,7 +69,13 @@ class TrainingBackend(ABC):
 
         With `joins` (an `engine.sample_joins.SampleJoins`), requests that `joins.take(can_join)`
         hands over between decode steps join the running generation; their results follow, in the
-        order they joined."""
+        order they joined. Other operations that arrived meanwhile run inside `joins.take`, under
+        `paused_sampling()`: they must neither change nor remove what the running rows use."""
+
+    def paused_sampling(self) -> ContextManager:
+        """Entered around an operation that runs between two decode steps of a sampling batch:
+        undoes, for its duration, whatever state generation put the models in."""
+        return contextlib.nullcontext()
 
     # Whether this rank answers for its data-parallel replica (one process: it does).
     leads_replica: bool = True

@@ -52,6 +52,7 @@ class Transport:
     started_at: float = 0.0  # rank 0: began running it (0: it never ran)
     finished_at: float = 0.0  # rank 0: done running it
     joined: bool = False  # rank 0: a sampling item that joined a sampling batch already running
+    interleaved: bool = False  # rank 0: another operation that ran between two decode steps of a sampling batch
 
 
 @dataclass

@@ -56,6 +56,7 @@ class _OpMetrics:
     requests: int = 0  # the API requests those items carried
     failed_items: int = 0  # items that came back as an error (or were lost with a worker)
     joined_items: int = 0  # sampling items that joined a sampling batch already running
+    interleaved_items: int = 0  # other items that ran between two decode steps of a sampling batch
     replica_items: dict[int, int] = field(default_factory=dict)  # sampling: items each data-parallel replica ran
     request_bytes: int = 0  # tensor bytes put into shared memory for the requests, all ranks together
     result_bytes: int = 0  # tensor bytes of the results
@@ -71,7 +72,7 @@ class _OpMetrics:
 
     def summary(self) -> dict[str, Any]:
         return {"items": self.items, "requests": self.requests, "failed_items": self.failed_items,
-                "joined_items": self.joined_items,
+                "joined_items": self.joined_items, "interleaved_items": self.interleaved_items,
                 "replica_items": {str(r): n for r, n in sorted(self.replica_items.items())},
                 "request_bytes": self.request_bytes, "result_bytes": self.result_bytes,
                 "latency_ms": {name: _summary_ms(self.recent[name], self.timed, self.seconds[name]) for name in STAGES}}
@@ -94,6 +95,7 @@ class TransportMetrics:
         m.requests += len(jobs)
         m.failed_items += res.error is not None
         m.joined_items += t.joined
+        m.interleaved_items += t.interleaved
         m.request_bytes += t.request_bytes
         m.result_bytes += t.result_bytes
         if t.started_at:  # rank 0 ran it (a lost item has no worker stamps)

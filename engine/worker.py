@@ -2,14 +2,16 @@
 
 Every rank runs the same commands in the same order (they meet in collectives), except that a
 sampling item reaches only the ranks of one data-parallel replica, which run it (and the
-sampling items that join it, `SampleJoins`) on their own and whose leader answers. Otherwise only
-rank 0's answer goes back to the server, stamped with when it ran and how many tensor
+sampling items that join it, `SampleJoins`) on their own and whose leader answers. Other
+commands that arrive during a sampling batch run between two of its decode steps, in order.
+Otherwise only rank 0's answer goes back to the server, stamped with when it ran and how many tensor
 bytes it carries (`Transport`). On CPU the ranks of this machine share its cores: each
 takes cores // ranks intra-op threads unless OMP_NUM_THREADS says otherwise. Never
 imports aiohttp.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -46,7 +48,8 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
             return
         if item.replica is not None:  # a sampling item for this rank's replica: its leader answers
             leader = backend.leads_replica
-            replies = run_sampling(backend, item, SampleJoins(item, inbox, outbox, stash, leader, backend.agree))
+            between = functools.partial(run_between_decode_steps, backend, outbox, rank == 0)
+            replies = run_sampling(backend, item, SampleJoins(item, inbox, outbox, stash, leader, backend.agree, between))
         else:
             leader = rank == 0
             replies = [run_item(backend, item)]
@@ -72,6 +75,16 @@ def run_item(backend, item: WorkItem) -> WorkResult:
     reply = _run(backend, item)
     reply.transport = Transport(result_bytes=tensor_bytes(reply.result), started_at=started, finished_at=time.time())
     return reply
+
+
+def run_between_decode_steps(backend, outbox: ShmQueue, answers: bool, item: WorkItem) -> None:
+    """Run a command that arrived during a sampling batch, now, between two of its decode steps
+    (`backend.paused_sampling()` restores what it needs), and answer it from rank 0."""
+    with backend.paused_sampling():
+        reply = run_item(backend, item)
+    reply.transport.interleaved = True
+    if answers:
+        outbox.put(reply)
 
 
 def run_sampling(backend, item: WorkItem, joins: SampleJoins) -> list[WorkResult]:

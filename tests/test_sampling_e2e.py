@@ -304,12 +304,12 @@ def test_requests_arriving_during_a_long_sample_join_it_and_give_what_they_give_
     before = joined()
     prompts = [types.ModelInput.from_ints([9707, 11, 1879] + [i]) for i in range(3)]
     params = [types.SamplingParams(max_tokens=6, temperature=1.0, seed=40 + i, stop=[]) for i in range(3)]
-    long = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=1000, temperature=1.0, seed=7, stop=[]))
+    long = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=1500, temperature=1.0, seed=7, stop=[]))
     time.sleep(0.5)
     short = [sampler.sample(p, 2, sp) for p, sp in zip(prompts, params)]
     together = [f.result() for f in short]
     assert not long.future().done()  # the short ones did not wait for it
-    assert len(long.result().sequences[0].tokens) == 1000
+    assert len(long.result().sequences[0].tokens) == 1500
     assert joined() > before
     for got, p, sp in zip(together, prompts, params):
         alone = sampler.sample(p, 2, sp).result()
@@ -341,3 +341,79 @@ def test_the_request_that_started_a_batch_is_answered_before_a_longer_one_that_j
     assert joined() > before  # counted once answered
     alone = sampler.sample(PROMPT, 1, first_params).result()
     assert got.sequences[0].tokens == alone.sequences[0].tokens
+
+
+def _interleaved(server) -> dict[str, int]:
+    from tests.test_metrics_e2e import _ops
+
+    return {op: m.get("interleaved_items", 0) for op, m in _ops(server).items()}
+
+
+def test_training_sent_during_a_long_sample_runs_between_its_decode_steps(server, trained):
+    """Another client's training (a new adapter, forward, forward_backward, optim_step) does not
+    wait for a long generation to end: each step runs between two of its decode steps (the metrics
+    count them) and is answered while it still runs, with exactly what it gives on an idle server;
+    a sampling request sent after them still joins the batch."""
+    import time
+
+    from tests.test_metrics_e2e import _ops
+
+    _, sampler = trained
+    data = [sft_datum([9707, 11, 1879], [374, 13, 100, 200])]
+    before, joined_before = _interleaved(server), _ops(server)["sample"]["joined_items"]
+    long = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=2000, temperature=1.0, seed=11, stop=[]))
+    time.sleep(0.5)  # the long one is decoding
+
+    def train(client) -> tuple:
+        tc = client.create_lora_training_client(QWEN, rank=4, seed=9).result()
+        fwd = tc.forward(data, "cross_entropy").result()
+        fb = tc.forward_backward(data, "cross_entropy").result()
+        step = tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        after = tc.forward(data, "cross_entropy").result()
+        return fwd, fb, step, after
+
+    import tinker
+
+    from tests.conftest import API_KEY
+
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    during = train(client)
+    short = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=3, temperature=1.0, seed=1, stop=[])).result()
+    assert not long.future().done(), "the training steps or the short request waited for the long generation"
+    counted = {op: n - before.get(op, 0) for op, n in _interleaved(server).items()}
+    assert {op: counted.get(op, 0) for op in ("create_adapter", "forward_backward", "optim_step")} == \
+        {"create_adapter": 1, "forward_backward": 3, "optim_step": 1}  # forward is forward_backward, forward-only
+    assert _ops(server)["sample"]["joined_items"] > joined_before and len(short.sequences[0].tokens) == 3
+    assert len(long.result().sequences[0].tokens) == 2000
+
+    alone = train(client)  # the same on an idle server
+    for got, ref in ((during[0], alone[0]), (during[1], alone[1]), (during[3], alone[3])):
+        for a, b in zip(logprobs_of(got), logprobs_of(ref)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        assert got.metrics["loss:sum"] == pytest.approx(ref.metrics["loss:sum"], abs=1e-5)
+    assert during[2].metrics["grad_norm:mean"] == pytest.approx(alone[2].metrics["grad_norm:mean"], rel=1e-6)
+    assert not np.allclose(logprobs_of(during[3])[0], logprobs_of(during[0])[0])  # the step changed the adapter
+
+
+def test_a_sampler_evicted_while_a_batch_uses_it_keeps_serving_that_batch(server, trained):
+    """Snapshots saved during a long generation push the sampler it uses out of memory (64 newer
+    ones: it is the least recently used). The running rows keep its weights to the end: the long
+    generation gives exactly what it gave before; only afterwards is the sampler gone."""
+    import time
+
+    tc, _ = trained
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    params = types.SamplingParams(max_tokens=2000, temperature=1.0, seed=12, stop=[])
+    reference = sampler.sample(PROMPT, 1, params).result()
+    saves_before = _interleaved(server).get("save_for_sampler", 0)
+    long = sampler.sample(PROMPT, 1, params)
+    time.sleep(0.5)  # the long one is decoding
+    newer = [tc.save_weights_and_get_sampling_client().result() for _ in range(64)]
+    assert not long.future().done(), "the saves waited for the long generation"
+    assert _interleaved(server)["save_for_sampler"] - saves_before == 64
+    got = long.result()
+    assert got.sequences[0].tokens == reference.sequences[0].tokens
+    np.testing.assert_allclose(got.sequences[0].logprobs, reference.sequences[0].logprobs, atol=1e-4)
+    with pytest.raises(Exception, match="no longer in memory"):
+        sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=2, seed=1)).result()
+    assert len(newer[-1].sample(PROMPT, 1, types.SamplingParams(max_tokens=2, seed=1)).result().sequences[0].tokens) == 2

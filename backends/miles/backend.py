@@ -8,6 +8,7 @@ SGLang behind the same `sample` operation.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -113,6 +114,7 @@ class MilesBackend(TrainingBackend):
         self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device) * MICROBATCH_MEMORY_SHARE)
         self.recompute = spec.recompute
         self._in_use: set[str] = set()  # snapshots that rows of the running sampling batch use
+        self._drop_after_batch: dict[str, _Base] = {}  # snapshots forgotten while rows still used them
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {
@@ -342,17 +344,29 @@ class MilesBackend(TrainingBackend):
         return key in self.saved or key in self.loaded
 
     def _forget_snapshot(self, key: str) -> None:
-        """Drop snapshot `key` from whichever pool holds it (a key is only ever in one)."""
+        """Drop snapshot `key` from whichever pool holds it (a key is only ever in one). Rows of the
+        running sampling batch may still use it (an operation that ran between its decode steps
+        evicted it): then its factors stay until the batch ends."""
         base = self.loaded.pop(key, None) if key in self.loaded else self.saved.pop(key, None)
-        if base is not None:
+        if base is None:
+            return
+        if key in self._in_use:
+            self._drop_after_batch[key] = base
+        else:
             base.lora.remove_adapter(key)
+
+    def _sampling_batch_ended(self) -> None:
+        self._in_use.clear()
+        for key, base in self._drop_after_batch.items():
+            if not self._has_snapshot(key):  # unless read back into a pool since
+                base.lora.remove_adapter(key)
+        self._drop_after_batch.clear()
 
     def _remember_saved(self, key: str, base: _Base) -> None:
         """Keep the snapshot save_for_sampler made. Only this operation, which every rank runs,
         changes `saved`, so every replica keeps the same ones (a snapshot saved without a path
         exists nowhere else): the ones the server did not name for eviction; beyond
-        MAX_SAVED_SNAPSHOTS (a server that names none) the oldest go. No sampling batch runs during
-        it, so none is in use."""
+        MAX_SAVED_SNAPSHOTS (a server that names none) the oldest go."""
         self.saved[key] = base
         while len(self.saved) > MAX_SAVED_SNAPSHOTS:
             self._forget_snapshot(next(iter(self.saved)))
@@ -384,9 +398,23 @@ class MilesBackend(TrainingBackend):
         except Exception as e:  # noqa: BLE001 - raised below, once every rank of the replica knows
             error = e
         finally:
-            self._in_use.clear()
+            self._sampling_batch_ended()
         raise_first_failure(error, self.replica)
         return results
+
+    @contextlib.contextmanager
+    def paused_sampling(self):
+        """Training as outside sampling: autograd on (generation runs in inference mode) and the
+        models in training mode (generation puts them in eval mode), until the operation is done."""
+        modes = [(b.model, b.model.training) for b in self.bases.values()]
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                for model, _ in modes:
+                    model.train()
+                yield
+            finally:
+                for model, was in modes:
+                    model.train(was)
 
     def agree(self, value: int) -> int:
         return from_rank_0(value, self.device, self.replica)
