@@ -185,12 +185,14 @@ def free_port() -> int:
 
 
 class Server:
-    """`python tinkercloud.py` serving one model on a free loopback port, in a throw-away data dir."""
+    """`python tinkercloud.py` serving one model on a free loopback port, in a throw-away data dir;
+    the one of this checkout, or of the checkout at `root` (another commit, for a before/after run)."""
 
-    def __init__(self, api_key: str, base_model: str, model_dir: str, workers: int, dtype: str, tp: int | None = None):
-        self.data_dir, self.port = Path(tempfile.mkdtemp(prefix="tinkercloud-bench-")), free_port()
+    def __init__(self, api_key: str, base_model: str, model_dir: str, workers: int, dtype: str, tp: int | None = None,
+                 root: Path = ROOT):
+        self.data_dir, self.port, self.root = Path(tempfile.mkdtemp(prefix="tinkercloud-bench-")), free_port(), root
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, str(ROOT / "tinkercloud.py"), "--host", "127.0.0.1", "--port", str(self.port),
+        self.cmd = [sys.executable, str(root / "tinkercloud.py"), "--host", "127.0.0.1", "--port", str(self.port),
                     "--data-dir", str(self.data_dir), "--workers", str(workers), "--api-key", api_key,
                     "--model", f"{base_model}={model_dir}", "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype]]
         if tp is not None:
@@ -199,7 +201,7 @@ class Server:
 
     def start(self, timeout: float = 600) -> "Server":
         self.log = open(self.data_dir / "server.log", "ab")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline and self.proc.poll() is None:
             try:
