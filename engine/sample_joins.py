@@ -1,22 +1,30 @@
 """Work that reaches a worker while it runs a sampling batch (continuous batching), in a worker.
 
 While a worker decodes one sampling batch, the server keeps sending work items. Between decode
-steps the backend calls `SampleJoins.take`, which goes through the items already waiting in this
-rank's inbox, in order: a `sample` item's rows join the batch instead of waiting for it to end;
-any other operation (training, checkpoints, adapters: whatever another client asked for meanwhile)
-runs right there, between two decode steps (`run_between`), and is answered at once, so neither
-a long generation nor a stream of joining requests keeps it waiting. Nothing overtakes anything:
-items run or join in the order they arrived.
+steps the backend calls `SampleJoins.take`, which goes through the items waiting for this rank,
+in order: a `sample` item's rows join the batch instead of waiting for it to end; any other
+operation (training, checkpoints, adapters: whatever another client asked for meanwhile) runs
+right there, between two decode steps (`run_between`), and is answered at once, so a long
+generation does not keep it waiting. Nothing overtakes anything: items run or join in the order
+they arrived.
+
+The two share the worker's time: while the batch has rows to decode, operations between its steps
+take at most BETWEEN_SHARE of it. After operations that ran for d seconds, the batch decodes for
+d * (1 - BETWEEN_SHARE) / BETWEEN_SHARE seconds before the next one runs (it waits in `stash`,
+and what arrived after it waits behind it). So a client that trains without pause slows a
+long generation to about half its speed, not to a token per training step, and a training step
+waits at most about its own length for its turn.
 
 Sampling items go to the ranks of one data-parallel replica (`WorkItem.replica`), and every rank
-of it must take the same items at the same step. The replica's leader decides: it takes what
-its inbox holds, and `agree` (a broadcast from the leader over the replica) tells the other ranks
-how many items to take from theirs, which receive the same items in the same order. The first
-item that can do neither (`shutdown`, or sampling of another base model) is kept aside in
-`stash`, to run right after the batch, and nothing more joins or runs during this batch. Every
-item of the batch, the one that started it (item 0) and each that joined (items 1, 2, ...), is
-answered (`reply`) as soon as all its requests are done, not when the whole batch ends: under a
-steady stream of joining requests a batch may run for as long as the stream lasts.
+of it must take the same items and run the same operations at the same step. The replica's
+leader decides: it moves what its inbox holds to `stash`, and `agree` (a broadcast from the
+leader over the replica) tells the other ranks how many items to move from theirs, which receive
+the same items in the same order, and whether operations may run at this step. The first item
+that can do neither (`shutdown`, or sampling of another base model) stays in `stash`, to run
+right after the batch, and nothing more joins or runs during this batch. Every item of the
+batch, the one that started it (item 0) and each that joined (items 1, 2, ...), is answered
+(`reply`) as soon as all its requests are done, not when the whole batch ends: under a steady
+stream of joining requests a batch may run for as long as the stream lasts.
 """
 from __future__ import annotations
 
@@ -28,22 +36,25 @@ from typing import Callable
 from engine.messages import Transport, WorkItem, WorkResult
 from engine.shm_queue import ShmQueue, tensor_bytes
 
+BETWEEN_SHARE = 0.5  # of a sampling batch's time, what the operations run between its decode steps may take
+
 
 class SampleJoins:
     def __init__(self, running: WorkItem, inbox: ShmQueue, outbox: ShmQueue, stash: deque, leader: bool,
                  agree: Callable[[int], int], run_between: Callable[[WorkItem], None]) -> None:
         self.inbox, self.outbox, self.stash, self.leader, self.agree = inbox, outbox, stash, leader, agree
         self.run_between = run_between  # runs (and answers) another operation between two decode steps
-        self.closed = bool(stash)  # items already set aside come first: nothing may overtake them
+        self.closed = False  # set: nothing more joins or runs during this batch
+        self.next_turn = 0.0  # leader: time.time() from which operations may run between decode steps
         self.items: list[tuple[WorkItem, float]] = [(running, time.time())]  # (item, when it started or joined)
         self.replied: set[int] = set()  # indices into `items` already answered
 
     def take(self, can_join: Callable[[list[dict]], bool]) -> list[list[dict]]:
-        """The request lists of the items that join now, after running the other operations that
-        arrived before them (a collective over the replica's ranks)."""
+        """The request lists of the items that join now, after running the operations that
+        arrived before them if it is their turn (a collective over the replica's ranks)."""
         if self.closed:
             return []
-        waiting = 0
+        waiting, turn = 0, 0
         if self.leader:
             while True:
                 try:
@@ -51,22 +62,29 @@ class SampleJoins:
                 except queue.Empty:
                     break
                 waiting += 1
-        count = self.agree(waiting)
+            turn = int(time.time() >= self.next_turn)
+        count, turn = divmod(self.agree(2 * waiting + turn), 2)  # the leader's two answers in one broadcast
         if not self.leader:
             for _ in range(count):
                 self.stash.append(self.inbox.get())
-        taken = []
-        while self.stash:  # just the `count` items taken now: the batch closes on any left from before
+        taken, ran = [], 0.0
+        while self.stash:
             item = self.stash[0]
             if item.op == "shutdown" or (item.op == "sample" and not can_join(item.args["requests"])):
                 self.closed = True
                 break
+            if item.op != "sample" and not turn:
+                break  # its turn comes once the batch has decoded for long enough; the rest waits behind it
             self.stash.popleft()
             if item.op == "sample":
                 self.items.append((item, time.time()))
                 taken.append(item.args["requests"])
             else:
+                started = time.time()
                 self.run_between(item)
+                ran += time.time() - started
+        if ran:
+            self.next_turn = time.time() + ran * (1 - BETWEEN_SHARE) / BETWEEN_SHARE
         return taken
 
     def reply(self, k: int, results: list) -> None:

@@ -1,18 +1,19 @@
-"""Two tenants on one server: how long a training step takes while another client samples.
+"""Two tenants on one server: training and long generations from two clients at once.
 
 A demanding user of a shared server trains while someone else runs long generations. This
-benchmark drives a TinkerCloud server with the real SDK in two phases:
+benchmark drives a TinkerCloud server with the real SDK, from two clients, in three phases:
 
-- alone: one client runs `--steps` training steps (`forward_backward` + `optim_step`, submitted
-  together, then both awaited), as `bench_throughput.py` does;
-- mixed: a second client keeps `--sample-requests` long generations (`--sample-tokens` new tokens
-  each, no early stop) in flight, submitting a new one whenever one ends, while the first client
-  runs the same number of steps again.
+- training alone: the training client runs `--steps` steps (`forward_backward` + `optim_step`,
+  submitted together, then both awaited), after one warm-up step;
+- sampling alone: the sampling client runs `--sample-rounds` rounds of `--sample-requests`
+  concurrent generations of `--sample-tokens` new tokens each (no early stop);
+- both: the sampling client runs the same rounds again while the training client keeps taking
+  steps until they are done.
 
-It reports the training step latency of each phase (median, p90, max), the ratio mixed / alone,
-and the sampling client's tokens/s during the mixed phase. With `--repo DIR` the server started is
-the one in checkout DIR (say, a `git worktree` of an earlier commit), for a before/after
-comparison on the same machine and workload.
+It reports the training step latency alone and beside the sampling (median, p90, max), the
+sampling client's tokens/s alone and beside the training, and both ratios. With `--repo DIR` the
+server started is the one in checkout DIR (say, a `git worktree` of an earlier commit), for a
+before/after comparison on the same machine and workload.
 
     python scripts/bench_mixed.py --start-server                      # embedded tiny model
     python scripts/bench_mixed.py --start-server --repo /tmp/old-checkout
@@ -26,7 +27,6 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,59 +34,41 @@ from scripts.bench_throughput import (ADAM, ROOT, SHAPES, Server, Workload, _res
                                       machine, make_shape, sdk_datums)
 
 
-def step_latencies(tc, wl: Workload) -> list[float]:
-    """Seconds of each of `wl.steps` training steps (after `wl.warmup` untimed ones)."""
+def train_steps(tc, wl: Workload, until: threading.Event | None = None) -> list[float]:
+    """Seconds of each training step: `wl.steps` of them after `wl.warmup` untimed ones, or,
+    with `until`, as many as start before it is set."""
     from tinker import types
 
     data, out = sdk_datums(wl), []
-    for i in range(wl.warmup + wl.steps):
+    i = 0
+    while (i < wl.warmup + wl.steps) if until is None else not until.is_set():
         t0 = time.perf_counter()
         fb = tc.forward_backward(data, "cross_entropy")
         opt = tc.optim_step(types.AdamParams(learning_rate=ADAM["learning_rate"]))
         fb.result()
         opt.result()
-        if i >= wl.warmup:
+        if until is not None or i >= wl.warmup:
             out.append(time.perf_counter() - t0)
+        i += 1
     return out
 
 
-class SamplingTenant:
-    """Keeps `n` long generations in flight from its own client until stopped."""
+def sample_rounds(sampler, wl: Workload) -> tuple[int, float]:
+    """(tokens, seconds) of `wl.sample_rounds` rounds of `wl.sample_requests` concurrent generations."""
+    from tinker import types
 
-    def __init__(self, sampler, wl: Workload) -> None:
-        self.sampler, self.wl, self.tokens, self.stop = sampler, wl, 0, threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(wl.sample_requests)]
-
-    def _loop(self, i: int) -> None:
-        from tinker import types
-
-        prompt = types.ModelInput.from_ints(self.wl.prompts(0)[i % len(self.wl.prompts(0))])
-        k = 0
-        while not self.stop.is_set():
-            params = types.SamplingParams(max_tokens=self.wl.sample_tokens, temperature=1.0, seed=1000 * i + k, stop=[])
-            got = len(self.sampler.sample(prompt, 1, params).result().sequences[0].tokens)
-            with self.lock:
-                self.tokens += got
-            k += 1
-
-    def __enter__(self) -> "SamplingTenant":
-        self.started = time.perf_counter()
-        for t in self.threads:
-            t.start()
-        time.sleep(1.0)  # the generations are decoding
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.started
-        self.stop.set()
-        for t in self.threads:
-            t.join()
+    tokens, t0 = 0, time.perf_counter()
+    for rnd in range(wl.sample_rounds):
+        futures = [sampler.sample(types.ModelInput.from_ints(p), 1, types.SamplingParams(
+            max_tokens=wl.sample_tokens, temperature=1.0, seed=1000 * rnd + i, stop=[]))
+            for i, p in enumerate(wl.prompts(rnd))]
+        tokens += sum(len(f.result().sequences[0].tokens) for f in futures)
+    return tokens, time.perf_counter() - t0
 
 
-def summary(seconds: list[float]) -> dict:
+def latency(seconds: list[float]) -> dict:
     ordered = sorted(seconds)
-    return {"median_ms": round(1000 * statistics.median(ordered), 1),
+    return {"steps": len(ordered), "median_ms": round(1000 * statistics.median(ordered), 1),
             "p90_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 1),
             "max_ms": round(1000 * ordered[-1], 1)}
 
@@ -95,17 +77,30 @@ def run(url: str, api_key: str, base_model: str, wl: Workload) -> dict:
     import tinker
 
     os.environ.setdefault("TINKER_TELEMETRY", "0")
-    trainer = tinker.ServiceClient(base_url=url, api_key=api_key)
-    tc = _resolved(trainer.create_lora_training_client(base_model=base_model, rank=wl.rank, seed=0))
-    alone = step_latencies(tc, wl)
-    other = tinker.ServiceClient(base_url=url, api_key=api_key)
-    run2 = _resolved(other.create_lora_training_client(base_model=base_model, rank=wl.rank, seed=1))
-    sampler = _resolved(run2.save_weights_and_get_sampling_client())
-    with SamplingTenant(sampler, wl) as tenant:
-        mixed = step_latencies(tc, replace(wl, warmup=0))
-    return {"alone": summary(alone), "mixed": summary(mixed),
-            "mixed_over_alone": round(statistics.median(mixed) / statistics.median(alone), 2),
-            "sample_tokens_per_s_during_mixed": round(tenant.tokens / tenant.seconds, 1)}
+    tc = _resolved(tinker.ServiceClient(base_url=url, api_key=api_key).create_lora_training_client(
+        base_model=base_model, rank=wl.rank, seed=0))
+    other = _resolved(tinker.ServiceClient(base_url=url, api_key=api_key).create_lora_training_client(
+        base_model=base_model, rank=wl.rank, seed=1))
+    sampler = _resolved(other.save_weights_and_get_sampling_client())
+    train_alone = train_steps(tc, wl)
+    tokens_alone, seconds_alone = sample_rounds(sampler, wl)
+    done, both = threading.Event(), {}
+
+    def sample_beside() -> None:
+        both["tokens"], both["seconds"] = sample_rounds(sampler, wl)
+        done.set()
+
+    thread = threading.Thread(target=sample_beside)
+    thread.start()
+    time.sleep(0.5)  # the first generations are decoding
+    train_beside = train_steps(tc, wl, until=done)
+    thread.join()
+    rate_alone, rate_beside = tokens_alone / seconds_alone, both["tokens"] / both["seconds"]
+    return {"train_alone": latency(train_alone), "train_beside_sampling": latency(train_beside),
+            "train_step_ratio": round(statistics.median(train_beside) / statistics.median(train_alone), 2),
+            "sample_tokens_per_s_alone": round(rate_alone, 1),
+            "sample_tokens_per_s_beside_training": round(rate_beside, 1),
+            "sample_rate_ratio": round(rate_beside / rate_alone, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,19 +118,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--sample-requests", type=int, default=4, help="long generations kept in flight")
+    p.add_argument("--sample-requests", type=int, default=4, help="concurrent generations per round")
     p.add_argument("--sample-tokens", type=int, default=1000, help="new tokens of each generation")
+    p.add_argument("--sample-rounds", type=int, default=2)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
-    wl = Workload(batch=args.batch, seq=args.seq, steps=args.steps, warmup=1, sample_requests=args.sample_requests,
-                  sample_tokens=args.sample_tokens)
+    knobs = ("batch", "seq", "steps", "sample_requests", "sample_tokens", "sample_rounds")
+    wl = Workload(warmup=1, **{k: getattr(args, k) for k in knobs})
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     model_dir = args.model_dir or make_shape(args.shape, Path(args.models_cache))
     base_model = args.base_model or (Path(model_dir).name if args.model_dir else default_name(args.shape))
-    report = {"base_model": base_model, "workload": {k: getattr(args, k) for k in
-                                                     ("batch", "seq", "steps", "sample_requests", "sample_tokens")},
-              "machine": machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+    report = {"base_model": base_model, "workload": {k: getattr(args, k) for k in knobs}, "machine": machine(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_before": os.getloadavg()}
     server = None
     if args.start_server:
