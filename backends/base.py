@@ -72,6 +72,11 @@ class TrainingBackend(ABC):
         order they joined. Other operations that arrived meanwhile run inside `joins.take`, under
         `paused_sampling()`: they must neither change nor remove what the running rows use."""
 
+    def room_beside_sampling(self) -> bool:
+        """Whether the memory left beside the running sampling batch fits an operation now (else
+        it waits: for rows to finish, at worst for the batch to end)."""
+        return True
+
     def paused_sampling(self) -> ContextManager:
         """Entered around an operation that runs between two decode steps of a sampling batch:
         undoes, for its duration, whatever state generation put the models in."""

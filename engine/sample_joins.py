@@ -13,7 +13,9 @@ take at most BETWEEN_SHARE of it. After operations that ran for d seconds, the b
 d * (1 - BETWEEN_SHARE) / BETWEEN_SHARE seconds before the next one runs (it waits in `stash`,
 and what arrived after it waits behind it). So a client that trains without pause slows a
 long generation to about half its speed, not to a token per training step, and a training step
-waits at most about its own length for its turn.
+waits at most about its own length for its turn. An operation also waits while the worker lacks
+the memory for it beside the running batch (`room`, the backend's `room_beside_sampling`): rows
+that finish free theirs, and at worst it runs once the batch has ended, as it would without this.
 
 Sampling items go to the ranks of one data-parallel replica (`WorkItem.replica`), and every rank
 of it must take the same items and run the same operations at the same step. The replica's
@@ -41,9 +43,11 @@ BETWEEN_SHARE = 0.5  # of a sampling batch's time, what the operations run betwe
 
 class SampleJoins:
     def __init__(self, running: WorkItem, inbox: ShmQueue, outbox: ShmQueue, stash: deque, leader: bool,
-                 agree: Callable[[int], int], run_between: Callable[[WorkItem], None]) -> None:
+                 agree: Callable[[int], int], run_between: Callable[[WorkItem], None],
+                 room: Callable[[], bool] = lambda: True) -> None:
         self.inbox, self.outbox, self.stash, self.leader, self.agree = inbox, outbox, stash, leader, agree
         self.run_between = run_between  # runs (and answers) another operation between two decode steps
+        self.room = room  # whether the memory left beside the running batch fits an operation now
         self.closed = False  # set: nothing more joins or runs during this batch
         self.next_turn = 0.0  # leader: time.time() from which operations may run between decode steps
         self.items: list[tuple[WorkItem, float]] = [(running, time.time())]  # (item, when it started or joined)
@@ -62,7 +66,8 @@ class SampleJoins:
                 except queue.Empty:
                     break
                 waiting += 1
-            turn = int(time.time() >= self.next_turn)
+            waits = any(item.op != "sample" for item in self.stash)
+            turn = int(waits and time.time() >= self.next_turn and self.room())
         count, turn = divmod(self.agree(2 * waiting + turn), 2)  # the leader's two answers in one broadcast
         if not self.leader:
             for _ in range(count):
@@ -74,7 +79,7 @@ class SampleJoins:
                 self.closed = True
                 break
             if item.op != "sample" and not turn:
-                break  # its turn comes once the batch has decoded for long enough; the rest waits behind it
+                break  # its turn comes once the batch has decoded for long enough (and it fits); the rest waits
             self.stash.popleft()
             if item.op == "sample":
                 self.items.append((item, time.time()))

@@ -114,3 +114,13 @@ def test_the_other_ranks_of_the_replica_follow_the_leaders_decisions(clock):
     clock.now += 10.0
     assert leader.take() == ["b"] and follower.take() == ["b"]
     assert [n for n, _ in leader.ran] == [n for n, _ in follower.ran] == ["step1", "step2"]
+
+
+def test_an_operation_waits_while_the_memory_beside_the_batch_does_not_fit_it(clock):
+    rank = Rank(clock, leader=True, agree=lambda v: v)
+    fits = [False]
+    rank.joins.room = lambda: fits[0]
+    rank.send(_op("step"), _sample("behind"))
+    assert rank.take() == [] and rank.ran == []  # the sample behind it waits too
+    fits[0] = True  # rows finished and freed their K/V
+    assert rank.take() == ["behind"] and [n for n, _ in rank.ran] == ["step"]

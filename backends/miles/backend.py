@@ -402,6 +402,14 @@ class MilesBackend(TrainingBackend):
         raise_first_failure(error, self.replica)
         return results
 
+    def room_beside_sampling(self) -> bool:
+        """One micro-batch's planned memory (`micro_batch_bytes`) is free beside the running batch's
+        KV caches (on a GPU, counting what torch's allocator holds unused)."""
+        free = free_memory(self.device)
+        if self.device.type == "cuda":
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return free >= self.micro_batch_bytes
+
     @contextlib.contextmanager
     def paused_sampling(self):
         """Training as outside sampling: autograd on (generation runs in inference mode) and the
