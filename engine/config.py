@@ -45,6 +45,9 @@ class Config:
     dtype: str = "auto"  # base weights: bfloat16 on GPUs, float32 on CPU; adapters and Adam state stay float32
     recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (whole layers)
     lora_compute: str = "float32"  # LoRA products in float32, or in the base weights' dtype ("base")
+    # while a sampling batch decodes, the share of the worker's time the operations that arrive
+    # meanwhile (training, checkpoints) may take between its decode steps; 0: they wait for its end
+    interleave_share: float = 0.5
     long_poll_seconds: float = 30.0
     session_timeout_seconds: float = 300.0  # no heartbeat for this long: the session's runs are unloaded
     max_sample_batch_rows: int = 64
@@ -62,6 +65,8 @@ class Config:
             raise ValueError(f"TINKERCLOUD_DTYPE must be one of {DTYPES}, got {self.dtype!r}")
         if self.lora_compute not in LORA_COMPUTE:
             raise ValueError(f"TINKERCLOUD_LORA_COMPUTE must be one of {LORA_COMPUTE}, got {self.lora_compute!r}")
+        if not 0.0 <= self.interleave_share <= 1.0:
+            raise ValueError(f"TINKERCLOUD_INTERLEAVE_SHARE must be between 0 and 1, got {self.interleave_share}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"TINKERCLOUD_RECOMPUTE must be one of {RECOMPUTE}, got {self.recompute!r}")
         for key in self.api_keys:
@@ -96,6 +101,7 @@ class Config:
             "dtype": env.get("TINKERCLOUD_DTYPE"),
             "recompute": env.get("TINKERCLOUD_RECOMPUTE"),
             "lora_compute": env.get("TINKERCLOUD_LORA_COMPUTE"),
+            "interleave_share": env.get("TINKERCLOUD_INTERLEAVE_SHARE"),
             "session_timeout_seconds": env.get("TINKERCLOUD_SESSION_TIMEOUT"),
             "models": env.get("TINKERCLOUD_MODELS") or env.get("SUPPORTED_MODELS"),
             "allow_partial_batches": env.get("ALLOW_PARTIAL_BATCHES"),
@@ -124,6 +130,9 @@ class Config:
         p.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation for long sequences")
         p.add_argument("--lora-compute", choices=LORA_COMPUTE,
                        help="dtype of the LoRA products: float32 (default) or the base weights' (factors stay float32)")
+        p.add_argument("--interleave-share", type=float,
+                       help="while a sampling batch decodes, the share of the worker's time other operations may "
+                            "take between its decode steps (0..1, default 0.5; 0: they wait for the batch to end)")
         p.add_argument("--model", action="append", metavar="NAME=PATH|ORG/NAME[@REV]",
                        help="serve an HF checkpoint dir, or a hub model from the local HF cache (repeatable)")
         p.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
@@ -133,7 +142,7 @@ class Config:
         flags = {
             "host": a.host, "port": a.port, "backend": a.backend, "data_dir": a.data_dir,
             "workers": a.workers, "tp": a.tp, "pp": a.pp, "dtype": a.dtype, "recompute": a.recompute,
-            "lora_compute": a.lora_compute, "models": ",".join(a.model) if a.model else None,
+            "lora_compute": a.lora_compute, "interleave_share": a.interleave_share, "models": ",".join(a.model) if a.model else None,
             "api_keys": ",".join(a.api_key) if a.api_key else None,
         }
         values = _as_dict(cfg)
@@ -184,7 +193,7 @@ def _coerce(raw: dict) -> dict:
             value = tuple(k.strip() for k in (value.split(",") if isinstance(value, str) else value) if k.strip())
         elif key in ("port", "workers", "tp", "pp", "max_sample_batch_rows"):
             value = int(value)
-        elif key in ("long_poll_seconds", "session_timeout_seconds"):
+        elif key in ("long_poll_seconds", "session_timeout_seconds", "interleave_share"):
             value = float(value)
         elif key == "allow_partial_batches" and isinstance(value, str):
             value = value.lower() in ("1", "true", "yes", "on")

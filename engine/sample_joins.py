@@ -9,9 +9,10 @@ generation does not keep it waiting. Nothing overtakes anything: items run or jo
 they arrived.
 
 The two share the worker's time: while the batch has rows to decode, operations between its steps
-take at most BETWEEN_SHARE of it. After operations that ran for d seconds, the batch decodes for
-d * (1 - BETWEEN_SHARE) / BETWEEN_SHARE seconds before the next one runs (it waits in `stash`,
-and what arrived after it waits behind it). So a client that trains without pause slows a
+take at most `share` of it (`Config.interleave_share`, 0.5 by default). After operations that ran
+for d seconds, the batch decodes for d * (1 - share) / share seconds before the next one runs (it
+waits in `stash`, and what arrived after it waits behind it); with share 0 none runs during the
+batch, with 1 they run at every step. So a client that trains without pause slows a
 long generation to about half its speed, not to a token per training step, and a training step
 waits at most about its own length for its turn. An operation also waits while the worker lacks
 the memory for it beside the running batch (`room`, the backend's `room_beside_sampling`): rows
@@ -38,16 +39,15 @@ from typing import Callable
 from engine.messages import Transport, WorkItem, WorkResult
 from engine.shm_queue import ShmQueue, tensor_bytes
 
-BETWEEN_SHARE = 0.5  # of a sampling batch's time, what the operations run between its decode steps may take
-
 
 class SampleJoins:
     def __init__(self, running: WorkItem, inbox: ShmQueue, outbox: ShmQueue, stash: deque, leader: bool,
                  agree: Callable[[int], int], run_between: Callable[[WorkItem], None],
-                 room: Callable[[], bool] = lambda: True) -> None:
+                 room: Callable[[], bool] = lambda: True, share: float = 0.5) -> None:
         self.inbox, self.outbox, self.stash, self.leader, self.agree = inbox, outbox, stash, leader, agree
         self.run_between = run_between  # runs (and answers) another operation between two decode steps
         self.room = room  # whether the memory left beside the running batch fits an operation now
+        self.share = share  # of the batch's time, what operations between its decode steps may take
         self.closed = False  # set: nothing more joins or runs during this batch
         self.next_turn = 0.0  # leader: time.time() from which operations may run between decode steps
         self.items: list[tuple[WorkItem, float]] = [(running, time.time())]  # (item, when it started or joined)
@@ -67,7 +67,7 @@ class SampleJoins:
                     break
                 waiting += 1
             waits = any(item.op != "sample" for item in self.stash)
-            turn = int(waits and time.time() >= self.next_turn and self.room())
+            turn = int(waits and self.share > 0 and time.time() >= self.next_turn and self.room())
         count, turn = divmod(self.agree(2 * waiting + turn), 2)  # the leader's two answers in one broadcast
         if not self.leader:
             for _ in range(count):
@@ -89,7 +89,7 @@ class SampleJoins:
                 self.run_between(item)
                 ran += time.time() - started
         if ran:
-            self.next_turn = time.time() + ran * (1 - BETWEEN_SHARE) / BETWEEN_SHARE
+            self.next_turn = time.time() + ran * (1 - self.share) / self.share
         return taken
 
     def reply(self, k: int, results: list) -> None:

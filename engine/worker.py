@@ -49,7 +49,8 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
         if item.replica is not None:  # a sampling item for this rank's replica: its leader answers
             leader = backend.leads_replica
             between = functools.partial(run_between_decode_steps, backend, outbox, rank == 0)
-            joins = SampleJoins(item, inbox, outbox, stash, leader, backend.agree, between, backend.room_beside_sampling)
+            joins = SampleJoins(item, inbox, outbox, stash, leader, backend.agree, between, backend.room_beside_sampling,
+                                spec.interleave_share)
             replies = run_sampling(backend, item, joins)
         else:
             leader = rank == 0

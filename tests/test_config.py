@@ -24,9 +24,12 @@ def test_flags_override_environment_which_overrides_yaml(tmp_path, monkeypatch):
     yaml_file.write_text("port: 7000\nworkers: 2\ndata_dir: /d\n")
     monkeypatch.setenv("TRAINING_PORT", "7001")
     monkeypatch.setenv("TINKERCLOUD_LORA_COMPUTE", "base")
+    monkeypatch.setenv("TINKERCLOUD_INTERLEAVE_SHARE", "0.25")
     cfg = Config.from_args(["--config", str(yaml_file), "--workers", "3", "--model", "m=/p"])
     assert (cfg.port, cfg.workers, cfg.data_dir, cfg.lora_compute) == (7001, 3, "/d", "base")
+    assert cfg.interleave_share == 0.25 and Config().interleave_share == 0.5
     assert Config.from_args(["--lora-compute", "float32"]).lora_compute == "float32"
+    assert Config.from_args(["--interleave-share", "1"]).interleave_share == 1.0
     assert cfg.futures_path == "/d/futures" and cfg.models == (ServedModel("m", "/p"),)
 
 
@@ -37,6 +40,8 @@ def test_bad_configuration_is_refused_with_a_reason(tmp_path):
         Config(backend="other")
     with pytest.raises(ValueError, match="TINKERCLOUD_LORA_COMPUTE"):
         Config(lora_compute="fp8")
+    with pytest.raises(ValueError, match="TINKERCLOUD_INTERLEAVE_SHARE must be between 0 and 1"):
+        Config(interleave_share=1.5)
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("prot: 7000\n")
     with pytest.raises(ValueError, match="unknown config field 'prot'"):

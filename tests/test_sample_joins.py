@@ -11,7 +11,7 @@ import pytest
 
 from engine import sample_joins
 from engine.messages import WorkItem
-from engine.sample_joins import BETWEEN_SHARE, SampleJoins
+from engine.sample_joins import SampleJoins
 
 BASE = "tiny-qwen3"
 
@@ -39,7 +39,7 @@ class Clock:
 class Rank:
     """One rank's view: its inbox, what it ran between decode steps (and when), what it answered."""
 
-    def __init__(self, clock: Clock, leader: bool, agree, op_seconds: float = 2.0) -> None:
+    def __init__(self, clock: Clock, leader: bool, agree, op_seconds: float = 2.0, share: float = 0.5) -> None:
         self.clock, self.inbox, self.ran, self.answers = clock, queue.Queue(), [], []
         self.op_seconds = op_seconds
 
@@ -48,7 +48,8 @@ class Rank:
             clock.now += self.op_seconds  # the operation takes this long
 
         outbox = type("Outbox", (), {"put": lambda _, reply: self.answers.append(reply)})()
-        self.joins = SampleJoins(_sample("first"), self.inbox, outbox, deque(), leader, agree, run_between)
+        self.joins = SampleJoins(_sample("first"), self.inbox, outbox, deque(), leader, agree, run_between,
+                                 share=share)
 
     def send(self, *items: WorkItem) -> None:
         for item in items:
@@ -73,11 +74,12 @@ def test_operations_run_between_decode_steps_in_arrival_order(clock):
     assert rank.take() == []  # nothing new
 
 
-def test_operations_take_at_most_their_share_of_a_batchs_time(clock):
-    rank = Rank(clock, leader=True, agree=lambda v: v, op_seconds=2.0)
+@pytest.mark.parametrize("share", [0.5, 0.25])
+def test_operations_take_at_most_their_share_of_a_batchs_time(clock, share):
+    rank = Rank(clock, leader=True, agree=lambda v: v, op_seconds=2.0, share=share)
     rank.send(_op("step1"))
     assert rank.take() == [] and len(rank.ran) == 1  # the first runs at once
-    wait = 2.0 * (1 - BETWEEN_SHARE) / BETWEEN_SHARE  # the batch now decodes this long
+    wait = 2.0 * (1 - share) / share  # the batch now decodes this long: 2 s at 0.5, 6 s at 0.25
     rank.send(_op("step2"), _sample("late"))
     clock.now += wait - 0.01
     assert rank.take() == [] and len(rank.ran) == 1  # not its turn; the sample behind it waits too
@@ -124,3 +126,16 @@ def test_an_operation_waits_while_the_memory_beside_the_batch_does_not_fit_it(cl
     assert rank.take() == [] and rank.ran == []  # the sample behind it waits too
     fits[0] = True  # rows finished and freed their K/V
     assert rank.take() == ["behind"] and [n for n, _ in rank.ran] == ["step"]
+
+
+def test_share_1_runs_operations_at_every_step_and_share_0_after_the_batch(clock):
+    eager = Rank(clock, leader=True, agree=lambda v: v, share=1.0)
+    for step in ("s1", "s2", "s3"):
+        eager.send(_op(step))
+        eager.take()
+    assert [n for n, _ in eager.ran] == ["s1", "s2", "s3"]
+    never = Rank(clock, leader=True, agree=lambda v: v, share=0.0)
+    never.send(_op("step"), _sample("behind"))
+    clock.now += 1e6
+    assert never.take() == [] and never.ran == []
+    assert [item.request_id for item in never.joins.stash] == ["step", "behind"]  # run by the worker after the batch

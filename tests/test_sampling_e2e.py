@@ -417,3 +417,29 @@ def test_a_sampler_evicted_while_a_batch_uses_it_keeps_serving_that_batch(server
     with pytest.raises(Exception, match="no longer in memory"):
         sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=2, seed=1)).result()
     assert len(newer[-1].sample(PROMPT, 1, types.SamplingParams(max_tokens=2, seed=1)).result().sequences[0].tokens) == 2
+
+
+def test_with_interleave_share_0_training_waits_for_the_generation(tiny_models, tmp_path):
+    """`--interleave-share 0` reaches the workers: a training step sent during a long generation
+    runs only after it (none runs between its decode steps), as an operator who wants sampling
+    undisturbed asks."""
+    import time
+
+    import tinker
+
+    from tests.conftest import API_KEY, ServerProcess
+
+    srv = ServerProcess(tmp_path, {QWEN: tiny_models[QWEN]}, extra_args=("--interleave-share", "0")).start()
+    try:
+        client = tinker.ServiceClient(base_url=srv.url, api_key=API_KEY)
+        tc = client.create_lora_training_client(QWEN, rank=4, seed=2).result()
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        long = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=1000, temperature=1.0, seed=3, stop=[]))
+        time.sleep(0.5)
+        assert not long.future().done()  # the training step arrives while the generation decodes
+        fb = tc.forward_backward([sft_datum(PROMPT.to_ints(), [100, 200])], "cross_entropy").result()
+        assert np.isfinite(fb.metrics["loss:sum"])
+        assert _interleaved(srv).get("forward_backward", 0) == 0  # so it ran after the generation
+        assert len(long.result().sequences[0].tokens) == 1000
+    finally:
+        srv.stop()
