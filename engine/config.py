@@ -142,7 +142,8 @@ class Config:
         flags = {
             "host": a.host, "port": a.port, "backend": a.backend, "data_dir": a.data_dir,
             "workers": a.workers, "tp": a.tp, "pp": a.pp, "dtype": a.dtype, "recompute": a.recompute,
-            "lora_compute": a.lora_compute, "interleave_share": a.interleave_share, "models": ",".join(a.model) if a.model else None,
+            "lora_compute": a.lora_compute, "interleave_share": a.interleave_share,
+            "models": ",".join(a.model) if a.model else None,
             "api_keys": ",".join(a.api_key) if a.api_key else None,
         }
         values = _as_dict(cfg)

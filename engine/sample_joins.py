@@ -12,11 +12,11 @@ The two share the worker's time: while the batch has rows to decode, operations 
 take at most `share` of it (`Config.interleave_share`, 0.5 by default). After operations that ran
 for d seconds, the batch decodes for d * (1 - share) / share seconds before the next one runs (it
 waits in `stash`, and what arrived after it waits behind it); with share 0 none runs during the
-batch, with 1 they run at every step. So a client that trains without pause slows a
-long generation to about half its speed, not to a token per training step, and a training step
-waits at most about its own length for its turn. An operation also waits while the worker lacks
-the memory for it beside the running batch (`room`, the backend's `room_beside_sampling`): rows
-that finish free theirs, and at worst it runs once the batch has ended, as it would without this.
+batch, with 1 they run at every step. At 0.5 a client that trains without pause slows a long
+generation to about half its speed, not to a token per training step, and a training step waits
+at most about its own length for its turn. An operation also waits while the worker lacks the
+memory for it beside the running batch (`room`, the backend's `room_beside_sampling`): rows that
+finish free theirs, and at worst it runs once the batch has ended, as it would without this.
 
 Sampling items go to the ranks of one data-parallel replica (`WorkItem.replica`), and every rank
 of it must take the same items and run the same operations at the same step. The replica's
