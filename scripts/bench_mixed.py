@@ -30,23 +30,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.bench_throughput import (ADAM, ROOT, SHAPES, Server, Workload, _resolved, default_name,  # noqa: E402
-                                      machine, make_shape, sdk_datums)
+from scripts.bench_throughput import (ROOT, SHAPES, Server, Workload, _resolved, default_name, machine,  # noqa: E402
+                                      make_shape, sdk_datums, sdk_step)
 
 
 def train_steps(tc, wl: Workload, until: threading.Event | None = None) -> list[float]:
     """Seconds of each training step: `wl.steps` of them after `wl.warmup` untimed ones, or,
     with `until`, as many as start before it is set."""
-    from tinker import types
-
     data, out = sdk_datums(wl), []
     i = 0
     while (i < wl.warmup + wl.steps) if until is None else not until.is_set():
         t0 = time.perf_counter()
-        fb = tc.forward_backward(data, "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=ADAM["learning_rate"]))
-        fb.result()
-        opt.result()
+        sdk_step(tc, data)
         if until is not None or i >= wl.warmup:
             out.append(time.perf_counter() - t0)
         i += 1

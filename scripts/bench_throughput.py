@@ -240,18 +240,25 @@ def sdk_datums(wl: Workload):
                         loss_fn_inputs={"target_tokens": row[1:], "weights": [1.0] * wl.seq}) for row in wl.rows()]
 
 
-def sdk_train(tc, wl: Workload, read_metrics=lambda: None) -> dict:
+def sdk_step(tc, data):
+    """One training step: `forward_backward` and `optim_step` submitted together, then both
+    awaited; the forward_backward output."""
     from tinker import types
 
+    fb = tc.forward_backward(data, "cross_entropy")
+    opt = tc.optim_step(types.AdamParams(learning_rate=ADAM["learning_rate"]))
+    out = fb.result()
+    opt.result()
+    return out
+
+
+def sdk_train(tc, wl: Workload, read_metrics=lambda: None) -> dict:
     data, step_s, losses = sdk_datums(wl), [], []
     for i in range(wl.warmup + wl.steps):
         if i == wl.warmup:
             before = read_metrics()
         t0 = time.perf_counter()
-        fb = tc.forward_backward(data, "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=ADAM["learning_rate"]))
-        out = fb.result()
-        opt.result()
+        out = sdk_step(tc, data)
         step_s.append(time.perf_counter() - t0)
         losses.append(-sum(sum(o["logprobs"].tolist()) for o in out.loss_fn_outputs) / wl.train_tokens)
     summary = train_summary(step_s, losses, wl)
