@@ -93,8 +93,9 @@ def create_app(config: Config) -> web.Application:
             device_bytes=gpu_memory_bytes(), layers=math.gcd(*(layer_count(m.path) for m in models)))
         spec = WorkerSpec(config.backend, {m.name: str(Path(m.path).resolve()) for m in models},
                           str(Path(config.data_dir).resolve()), dims.world_size, dims.tp, dims.pp, config.dtype,
-                          config.recompute, config.lora_compute, config.interleave_share,
-                          tuple(dims.replica_ranks(d) for d in range(dims.dp)))
+                          recompute=config.recompute, lora_compute=config.lora_compute, kernels=config.kernels,
+                          interleave_share=config.interleave_share,
+                          replicas=tuple(dims.replica_ranks(d) for d in range(dims.dp)))
         pool = WorkerPool(spec, reserved_ports=frozenset({config.port}))
         futures = FutureStore(config.futures_path)
         try:

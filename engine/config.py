@@ -20,6 +20,7 @@ BACKENDS = ("miles", "nemo_rl")
 DTYPES = ("auto", "float32", "bfloat16")
 RECOMPUTE = ("none", "selective", "full")
 LORA_COMPUTE = ("float32", "base")
+KERNELS = ("auto", "eager", "compiled")  # backends/miles/fusions.py
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Config:
     dtype: str = "auto"  # base weights: bfloat16 on GPUs, float32 on CPU; adapters and Adam state stay float32
     recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (whole layers)
     lora_compute: str = "float32"  # LoRA products in float32, or in the base weights' dtype ("base")
+    kernels: str = "auto"  # RMSNorm / RoPE / SwiGLU: compiled into fused kernels, or eager; auto: compiled on GPUs
     # while a sampling batch decodes, the share of the worker's time the operations that arrive
     # meanwhile (training, checkpoints) may take between its decode steps; 0: they wait for its end
     interleave_share: float = 0.5
@@ -65,6 +67,8 @@ class Config:
             raise ValueError(f"TINKERCLOUD_DTYPE must be one of {DTYPES}, got {self.dtype!r}")
         if self.lora_compute not in LORA_COMPUTE:
             raise ValueError(f"TINKERCLOUD_LORA_COMPUTE must be one of {LORA_COMPUTE}, got {self.lora_compute!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"TINKERCLOUD_KERNELS must be one of {KERNELS}, got {self.kernels!r}")
         if not 0.0 <= self.interleave_share <= 1.0:
             raise ValueError(f"TINKERCLOUD_INTERLEAVE_SHARE must be between 0 and 1, got {self.interleave_share}")
         if self.recompute not in RECOMPUTE:
@@ -101,6 +105,7 @@ class Config:
             "dtype": env.get("TINKERCLOUD_DTYPE"),
             "recompute": env.get("TINKERCLOUD_RECOMPUTE"),
             "lora_compute": env.get("TINKERCLOUD_LORA_COMPUTE"),
+            "kernels": env.get("TINKERCLOUD_KERNELS"),
             "interleave_share": env.get("TINKERCLOUD_INTERLEAVE_SHARE"),
             "session_timeout_seconds": env.get("TINKERCLOUD_SESSION_TIMEOUT"),
             "models": env.get("TINKERCLOUD_MODELS") or env.get("SUPPORTED_MODELS"),
@@ -130,6 +135,9 @@ class Config:
         p.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation for long sequences")
         p.add_argument("--lora-compute", choices=LORA_COMPUTE,
                        help="dtype of the LoRA products: float32 (default) or the base weights' (factors stay float32)")
+        p.add_argument("--kernels", choices=KERNELS,
+                       help="RMSNorm, RoPE and SwiGLU as torch.compile'd fused kernels (compiled) or not (eager); "
+                            "default auto: compiled on GPUs with Triton, eager on CPU")
         p.add_argument("--interleave-share", type=float,
                        help="while a sampling batch decodes, the share of the worker's time other operations may "
                             "take between its decode steps (0..1, default 0.5; 0: they wait for the batch to end)")
@@ -142,7 +150,7 @@ class Config:
         flags = {
             "host": a.host, "port": a.port, "backend": a.backend, "data_dir": a.data_dir,
             "workers": a.workers, "tp": a.tp, "pp": a.pp, "dtype": a.dtype, "recompute": a.recompute,
-            "lora_compute": a.lora_compute, "interleave_share": a.interleave_share,
+            "lora_compute": a.lora_compute, "kernels": a.kernels, "interleave_share": a.interleave_share,
             "models": ",".join(a.model) if a.model else None,
             "api_keys": ",".join(a.api_key) if a.api_key else None,
         }

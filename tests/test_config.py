@@ -25,11 +25,14 @@ def test_flags_override_environment_which_overrides_yaml(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINING_PORT", "7001")
     monkeypatch.setenv("TINKERCLOUD_LORA_COMPUTE", "base")
     monkeypatch.setenv("TINKERCLOUD_INTERLEAVE_SHARE", "0.25")
+    monkeypatch.setenv("TINKERCLOUD_KERNELS", "eager")
     cfg = Config.from_args(["--config", str(yaml_file), "--workers", "3", "--model", "m=/p"])
     assert (cfg.port, cfg.workers, cfg.data_dir, cfg.lora_compute) == (7001, 3, "/d", "base")
     assert cfg.interleave_share == 0.25 and Config().interleave_share == 0.5
     assert Config.from_args(["--lora-compute", "float32"]).lora_compute == "float32"
     assert Config.from_args(["--interleave-share", "1"]).interleave_share == 1.0
+    assert (cfg.kernels, Config.from_args(["--kernels", "compiled"]).kernels, Config().kernels) == \
+        ("eager", "compiled", "auto")
     assert cfg.futures_path == "/d/futures" and cfg.models == (ServedModel("m", "/p"),)
 
 
@@ -40,6 +43,8 @@ def test_bad_configuration_is_refused_with_a_reason(tmp_path):
         Config(backend="other")
     with pytest.raises(ValueError, match="TINKERCLOUD_LORA_COMPUTE"):
         Config(lora_compute="fp8")
+    with pytest.raises(ValueError, match="TINKERCLOUD_KERNELS"):
+        Config(kernels="fast")
     with pytest.raises(ValueError, match="TINKERCLOUD_INTERLEAVE_SHARE must be between 0 and 1"):
         Config(interleave_share=1.5)
     yaml_file = tmp_path / "c.yaml"

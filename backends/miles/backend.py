@@ -100,7 +100,7 @@ class MilesBackend(TrainingBackend):
             log.info("base weights in %s, LoRA products in %s", dtype, lora_dtype)
         self.bases: dict[str, _Base] = {}
         for name, path in spec.models.items():
-            model = build_model(path, self.device, dtype, spec.recompute)
+            model = build_model(path, self.device, dtype, spec.recompute, kernels=spec.kernels)
             self.bases[name] = _Base(name, path, ModelInfo.from_dir(path), model,
                                      LoraManager(model, compute_dtype=lora_dtype))
         self.runs: dict[str, _Run] = {}

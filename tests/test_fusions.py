@@ -1,0 +1,127 @@
+"""The compiled kernels (`kernels="compiled"`: RMSNorm, RoPE and SwiGLU through torch.compile)
+compute what the eager layers compute: logprobs, a LoRA loss's adapter gradients and greedy
+samples, with eager and compiled models of the same weights in one process (the RoPE routing
+is per model), and the compiled one against Hugging Face.
+
+On a GPU `kernels="auto"` picks them; here they are compiled for the CPU (inductor's C++
+backend), so this test checks the wiring and the arithmetic, not GPU speed (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mcore_harness import hf_logprobs, init_worker, make_hf_checkpoint, run_workers
+
+BATCH, SEQ = 2, 24
+
+
+def _worker(out_path: str, model_dir: str, batch_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    device = init_worker()
+    from backends.miles import fusions
+    from backends.miles.lora import LoraManager
+    from backends.miles.model import build_model, token_logprobs
+    from backends.miles.sampler import SampleSpec, generate
+
+    batch = torch.load(batch_path)
+    results = {}
+    for kernels in ("eager", "compiled"):  # eager first: it must not take the compiled RoPE
+        model = build_model(model_dir, device, kernels=kernels)
+        lora = LoraManager(model)
+        lora.add_adapter("a", 4, 8.0, train_unembed=True, seed=0)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # B = 0 would make every A gradient zero
+            for name, p, _ in lora.adapter_params("a"):
+                if name.endswith("lora_B"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+        with lora.route(["a"] * BATCH):
+            logprobs = token_logprobs(model, batch["tokens"], batch["targets"])
+            (-(logprobs * batch["weights"]).sum()).backward()
+        grads = {name: p.grad.clone() for name, p, _ in lora.adapter_params("a")}
+        with torch.no_grad():
+            plain = token_logprobs(model, batch["tokens"], batch["targets"])
+        lora.clone_adapter("a", "frozen")
+        samples = generate(model, [SampleSpec(prompt=batch["tokens"][0, :8].tolist(), num_samples=1, max_tokens=12,
+                                              temperature=0.0, seed=0, adapter="frozen")], route=lora.route)
+        results[kernels] = {
+            "logprobs": logprobs.detach(), "grads": grads, "plain": plain,
+            "tokens": samples[0].sequences[0].tokens,
+            "norm_types": sorted({type(m).__name__ for n, m in model.named_modules()
+                                  if n.rpartition(".")[2] in ("input_layernorm", "pre_mlp_layernorm", "q_layernorm",
+                                                              "k_layernorm")}),
+            "swiglu_fused": model.config.bias_activation_fusion,
+            "compiled_rope_made": fusions._compiled_rope_bshd is not None,
+        }
+    for kernels in ("eager", "compiled"):  # bf16 activations with float32 norm weights, as on a GPU
+        model = build_model(model_dir, device, torch.bfloat16, kernels=kernels)
+        with torch.no_grad():
+            results[f"{kernels}_bf16"] = token_logprobs(model, batch["tokens"], batch["targets"])
+    torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("fusions")
+    model_dir = make_hf_checkpoint(root / "qwen3", "qwen3", seed=3)
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "tokens": torch.randint(0, 1000, (BATCH, SEQ), generator=generator),
+        "targets": torch.randint(0, 1000, (BATCH, SEQ), generator=generator),
+        "weights": (torch.rand(BATCH, SEQ, generator=generator) > 0.3).float(),
+    }
+    torch.save(batch, root / "batch.pt")
+    run_workers(Path(__file__), 1, str(root / "out.pt"), str(model_dir), str(root / "batch.pt"), timeout=600)
+    return model_dir, batch, torch.load(root / "out.pt", weights_only=False)
+
+
+def test_compiled_layers_are_in_place_and_eager_ones_untouched(runs):
+    _, _, results = runs
+    eager, compiled = results["eager"], results["compiled"]
+    assert compiled["norm_types"] == ["CompiledRMSNorm"] != eager["norm_types"]
+    assert (compiled["swiglu_fused"], eager["swiglu_fused"]) == (True, False)
+    assert not eager["compiled_rope_made"] and compiled["compiled_rope_made"]
+
+
+def test_compiled_kernels_give_eager_logprobs_gradients_and_samples(runs):
+    _, _, results = runs
+    eager, compiled = results["eager"], results["compiled"]
+    assert (eager["logprobs"] - compiled["logprobs"]).abs().max() < 1e-5
+    assert (eager["plain"] - compiled["plain"]).abs().max() < 1e-5
+    assert eager["grads"].keys() == compiled["grads"].keys() and len(eager["grads"]) > 10
+    for name, g in eager["grads"].items():
+        assert g.abs().max() > 0, name
+        assert (g - compiled["grads"][name]).abs().max() <= 1e-5 * max(1.0, g.abs().max()), name
+    assert compiled["tokens"] == eager["tokens"] and len(eager["tokens"]) == 12
+
+
+def test_compiled_kernels_in_bf16_are_as_close_to_float32_as_eager_bf16(runs):
+    """In bf16 the two differ by rounding: a fused kernel rounds once at its end where the eager
+    chain rounds after every op. So the test is the distance to the float32 result."""
+    _, _, results = runs
+    exact = results["eager"]["plain"]
+    eager_error = (results["eager_bf16"] - exact).abs()
+    compiled_error = (results["compiled_bf16"] - exact).abs()
+    print(f"bf16 logprob error vs float32: eager max {eager_error.max():.4f} mean {eager_error.mean():.4f}, "
+          f"compiled max {compiled_error.max():.4f} mean {compiled_error.mean():.4f}")
+    assert eager_error.max() > 1e-3, "bf16 should differ from float32"
+    assert compiled_error.mean() <= 1.1 * eager_error.mean() and compiled_error.max() <= 1.5 * eager_error.max()
+
+
+def test_compiled_model_matches_hf(runs):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, batch, results = runs
+    reference = hf_logprobs(AutoModelForCausalLM.from_pretrained(model_dir).float(), batch["tokens"], batch["targets"])
+    assert (results["compiled"]["plain"] - reference).abs().max() < 1e-4
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
