@@ -180,7 +180,7 @@ class LoraLinear(nn.Module):
             h = self._down(input_, rows, factors)
             if self.tp > 1:
                 h = reduce_from_tensor_model_parallel_region(h)
-            output = _add_rows(output, rows, self._up(h, factors))
+            output = self._add_up(output, rows, h, factors)
         return output, bias
 
     def _column_forward(self, input_, active, weight=None, runtime_gather_output=None):
@@ -190,7 +190,7 @@ class LoraLinear(nn.Module):
             h = self._down(input_, rows, factors)
             if self.tp > 1:
                 h = copy_to_tensor_model_parallel_region(h)
-            output = _add_rows(output, rows, self._up(h, factors))
+            output = self._add_up(output, rows, h, factors)
         if gather:
             output = gather_from_tensor_model_parallel_region(output)
         return output, bias
@@ -199,9 +199,17 @@ class LoraLinear(nn.Module):
         """A x for the routed rows, in `compute_dtype` (the factors stay float32; a cast is a no-op then)."""
         return _rows(input_, rows).to(self.compute_dtype) @ factors.lora_A.to(self.compute_dtype).t()
 
-    def _up(self, h: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
-        """scale * B h (the r-wide h is scaled, not the full-width product)."""
-        return (factors.scale * h) @ factors.lora_B.to(self.compute_dtype).t()
+    def _add_up(self, output: torch.Tensor, rows: torch.Tensor | None, h: torch.Tensor,
+                factors: LoraFactors) -> torch.Tensor:
+        """output + scale * B h on the routed rows. When every row is routed here and the product's
+        dtype is the output's, one `addmm` (the sum in the product's epilogue, the scale as its
+        alpha); else the r-wide h is scaled, multiplied and the product added."""
+        lora_B = factors.lora_B.to(self.compute_dtype)
+        if rows is None and output.dtype == self.compute_dtype:
+            width = output.shape[-1]
+            return torch.addmm(output.reshape(-1, width), h.reshape(-1, h.shape[-1]), lora_B.t(),
+                               alpha=factors.scale).view(output.shape)
+        return _add_rows(output, rows, (factors.scale * h) @ lora_B.t())
 
     def _base(self, input_: torch.Tensor, weight: torch.Tensor | None = None, **kwargs):
         """The base layer. Without gradients at tp=1 and without bias, its one product is done
