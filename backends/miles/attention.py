@@ -47,10 +47,13 @@ class SdpaAttention(MegatronModule):
             raise ValueError("SdpaAttention takes no attention bias or packed-sequence params")
         seq, batch = query.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads or groups, s, d]
-        if self.heads != self.groups:
+        # CUDA's flash kernel reads each group's K/V for its heads itself (no copies); on CPU, and
+        # with a mask, the groups are repeated out to one K/V per head.
+        gqa = self.heads != self.groups and q.is_cuda and attention_mask is None
+        if self.heads != self.groups and not gqa:
             k = k.repeat_interleave(self.heads // self.groups, dim=1)
             v = v.repeat_interleave(self.heads // self.groups, dim=1)
         context = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
-            is_causal=attention_mask is None, scale=self.scale)  # [b, heads, s, d]
+            is_causal=attention_mask is None, scale=self.scale, enable_gqa=gqa)  # [b, heads, s, d]
         return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
