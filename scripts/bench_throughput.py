@@ -189,7 +189,7 @@ class Server:
     the one of this checkout, or of the checkout at `root` (another commit, for a before/after run)."""
 
     def __init__(self, api_key: str, base_model: str, model_dir: str, workers: int, dtype: str, tp: int | None = None,
-                 root: Path = ROOT):
+                 root: Path = ROOT, extra_args: tuple[str, ...] = ()):
         self.data_dir, self.port, self.root = Path(tempfile.mkdtemp(prefix="tinkercloud-bench-")), free_port(), root
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, str(root / "tinkercloud.py"), "--host", "127.0.0.1", "--port", str(self.port),
@@ -197,6 +197,7 @@ class Server:
                     "--model", f"{base_model}={model_dir}", "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype]]
         if tp is not None:
             self.cmd += ["--tp", str(tp)]
+        self.cmd += list(extra_args)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 600) -> "Server":
@@ -433,9 +434,9 @@ def latency_split(probe: dict, inproc: dict) -> dict:
 
 # ---- in-process (subprocess with a torchrun environment, world size 1) --------------------
 def run_inprocess(model_dir: str, wl: Workload, dtype: str, profile: str | None = None,
-                  lora_compute: str = "fp32") -> dict:
+                  lora_compute: str = "fp32", kernels: str = "auto") -> dict:
     spec = {"model_dir": model_dir, "workload": asdict(wl), "dtype": dtype, "profile": profile,
-            "lora_compute": lora_compute}
+            "lora_compute": lora_compute, "kernels": kernels}
     env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ,  # as the server's workers get it (engine/pool.py)
            "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -451,6 +452,7 @@ def inprocess_main(spec: dict) -> dict:
     from megatron.core import parallel_state
 
     from backends.common.optimizer import AdapterOptimizer
+    from backends.miles.fusions import resolve_kernels
     from backends.miles.lora import LoraManager
     from backends.miles.model import build_model
     from backends.miles.parallel import ParallelDims, init_distributed
@@ -459,13 +461,15 @@ def inprocess_main(spec: dict) -> dict:
     device = init_distributed(ParallelDims(tp=1))
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    model = build_model(spec["model_dir"], device, dtype, random_weights=not has_weights(spec["model_dir"]))
+    kernels = resolve_kernels(spec.get("kernels", "auto"), device)
+    model = build_model(spec["model_dir"], device, dtype, random_weights=not has_weights(spec["model_dir"]),
+                        kernels=kernels)
     lora = LoraManager(model, compute_dtype=dtype if spec.get("lora_compute") == "base" else torch.float32)
     lora.add_adapter("bench", wl.rank, LORA_ALPHA, train_unembed=wl.train_unembed, seed=0)
     optimizer = AdapterOptimizer(lora.adapter_params("bench"), parallel_state.get_tensor_model_parallel_group())
     build_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    report = {"device": name, "dtype": spec["dtype"], "lora_compute": spec.get("lora_compute", "fp32"),
+    report = {"device": name, "dtype": spec["dtype"], "lora_compute": spec.get("lora_compute", "fp32"), "kernels": kernels,
               "build_s": round(build_s, 1),
               "train": _inprocess_train(model, lora, optimizer, wl, device)}
     if device.type == "cuda":
@@ -526,9 +530,19 @@ def _profile_train_step(model, lora, optimizer, wl: Workload, device, path: str)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        t0 = _sync(device)
         _train_step(model, lora, optimizer, wl, device)
+        wall_ms = 1000 * (_sync(device) - t0)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
+    averages = prof.key_averages()
+    head = f"profiled step: {wall_ms:.1f} ms wall"
+    if device.type == "cuda":
+        from torch.autograd import DeviceType
+
+        kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+        busy_ms = sum(e.self_device_time_total for e in averages) / 1000
+        head += f", device busy {busy_ms:.1f} ms, {kernels} device kernels/copies"
+    Path(path).write_text(head + "\n" + averages.table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
 
 
 def _inprocess_sample(model, lora, wl: Workload, device) -> dict:
@@ -588,8 +602,9 @@ def table(report: dict) -> str:
     if inproc:
         m = report.get("mfu") or {}
         shown = lambda v: "n/a (no GPU peak known)" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-        lora = inproc.get("lora_compute", "fp32")
-        lines.append(f"in-process: {inproc['device']}, {inproc['dtype']} (LoRA products in {lora}), model built in "
+        lora, kernels = inproc.get("lora_compute", "fp32"), inproc.get("kernels", "eager")
+        lines.append(f"in-process: {inproc['device']}, {inproc['dtype']} (LoRA products in {lora}, {kernels} kernels), "
+                     f"model built in "
                      f"{inproc['build_s']} s; MFU in-process {shown(m.get('inprocess'))}, server {shown(m.get('server'))}")
     for name, side in (("server", server), ("in-process", inproc)):
         if side.get("train"):
@@ -651,8 +666,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="the report as JSON: on stdout instead of the table, or into FILE besides the table")
     p.add_argument("--lora-compute", choices=("fp32", "base"), default="fp32",
-                   help="in-process only: the LoRA products in float32 (the server's way) or in the base weights' "
-                        "dtype (factors and optimizer state stay float32)")
+                   help="the LoRA products in float32 (the server's default) or in the base weights' dtype (factors "
+                        "and optimizer state stay float32), in-process and in a started server")
+    p.add_argument("--kernels", choices=("auto", "eager", "compiled"), default="auto",
+                   help="RMSNorm/RoPE/SwiGLU compiled into fused kernels or eager, in-process and in a started server "
+                        "(auto: compiled on GPUs)")
     p.add_argument("--profile", metavar="FILE", help="after the timed in-process steps, profile one more and write "
                    "torch.profiler's operator table (sorted by device time) to FILE")
     p.add_argument("--inprocess-spec", help=argparse.SUPPRESS)
@@ -687,7 +705,8 @@ def measure(args: argparse.Namespace, wl: Workload, model_dir: str | None, base_
     if args.start_server and not args.no_server:
         if not has_weights(model_dir):
             sys.exit(f"{model_dir} holds no weights (a shape for in-process runs with random weights): add --no-server")
-        server = Server(args.api_key, base_model, model_dir, args.workers, args.dtype, args.tp).start()
+        server = Server(args.api_key, base_model, model_dir, args.workers, args.dtype, args.tp, extra_args=(
+            "--lora-compute", {"fp32": "float32", "base": "base"}[args.lora_compute], "--kernels", args.kernels)).start()
     url = None if args.no_server else server.url if server else args.url
     runs: dict[str, list[dict]] = {"server": [], "inprocess": []}
     try:
@@ -695,7 +714,8 @@ def measure(args: argparse.Namespace, wl: Workload, model_dir: str | None, base_
             if url:
                 runs["server"].append(run_sdk(url, args.api_key, base_model, wl))
             if model_dir and not args.no_inprocess:
-                runs["inprocess"].append(run_inprocess(model_dir, wl, args.dtype, args.profile, args.lora_compute))
+                runs["inprocess"].append(run_inprocess(model_dir, wl, args.dtype, args.profile, args.lora_compute,
+                                                       args.kernels))
         if url and not args.no_probe:
             report["probe"] = run_probe(url, args.api_key, base_model, wl)
     finally:

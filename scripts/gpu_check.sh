@@ -6,15 +6,18 @@
 # Needs the wheels of scripts/README.md in .whl/ (nothing is downloaded). Stages, each with its own time limit,
 # all inside GPU_CHECK_SECONDS (default 540) so one 10-minute device call holds it:
 #   1. install the carried wheels into /tmp/site;
-#   2. TP=1 correctness: the fixed SDK sequence of scripts/tp1_reference.py through a server with one GPU
-#      worker (fp32), compared with the CPU reference values in scripts/tp1_reference.json;
-#   3. Qwen3-8B shape, bf16, in-process with random weights drawn on the GPU (no checkpoint to write or
-#      read: the shape's folder holds its config only), with a torch.profiler operator table of one step;
-#      then the same with the LoRA products in bf16 (`--lora-compute base`), then at twice the batch;
-#   4. Qwen3-0.6B shape, bf16, in-process: train and sample tokens/s, MFU;
-#   5. Qwen3-0.6B shape, bf16: server through the SDK (its --dtype bfloat16 default on GPUs) vs in-process,
-#      overhead ratio and latency split.
-# Results in $OUT: gpu_check.log, tp1_check.json, 5 bench_*.json, profile_8b.txt (at most 8 files come back).
+#   2. Qwen3-8B shape, bf16, in-process with random weights drawn on the GPU (no checkpoint: the shape's
+#      folder holds its config only), batch 2 x 1024: compiled kernels (RMSNorm/RoPE/SwiGLU fused by
+#      torch.compile, backends/miles/fusions.py) with the LoRA products in bf16, then the eager layers with
+#      float32 LoRA products (the earlier runs' configuration: the comparison), each with a torch.profiler
+#      table of one step;
+#   3. TP=1 correctness: the fixed SDK sequence of scripts/tp1_reference.py through a server with one GPU
+#      worker (fp32, its default kernels: compiled on a GPU), against the CPU values in tp1_reference.json;
+#   4. 8B: compiled kernels with float32 LoRA products (the two changes apart), then the best guess at
+#      twice the batch;
+#   5. Qwen3-0.6B shape, bf16: server through the SDK vs in-process, overhead ratio and latency split.
+# Results in $OUT (the device tool returns at most 8 files): gpu_check.log (every stage's output),
+# tp1_check.json, results.json (every bench report by stage name), profiles.txt.
 # A stage that fails or runs out of time is reported and the next one still runs; the exit code is that of
 # the correctness stage. GPU_CHECK_SMOKE=1 runs the same stages on the embedded tiny model with tiny workloads and
 # without installing wheels (to try the script itself on a CPU machine).
@@ -56,40 +59,51 @@ else
 fi
 $PY -c 'import torch, megatron.core, tinker; print("torch", torch.__version__, "megatron-core", megatron.core.__version__, "tinker", tinker.__version__, "tf32", torch.backends.cuda.matmul.allow_tf32)' | tee -a "$LOG"
 
+BENCH=($PY scripts/bench_throughput.py --models-cache "$MODELS")
+TMP=$(mktemp -d)
+big() {  # big NAME ARGS...: an in-process 8B-shape stage, its report in $TMP/NAME.json
+  local name=$1; shift
+  stage "$name" "$BIG_LIMIT" "${BENCH[@]}" --json "$TMP/$name.json" --no-server --shape "$BIG" --dtype bf16 "$@"
+}
+BIG_LIMIT=150
+big 8b_compiled_lora16 --kernels compiled --lora-compute base "${TRAIN_BIG[@]}" --steps 3 "${SAMPLE_BIG[@]}" \
+  --sample-rounds 1 --profile "$TMP/profile_8b_compiled_lora16.txt"
+big 8b_eager_lora32 --kernels eager --lora-compute fp32 "${TRAIN_BIG[@]}" --steps 3 "${SAMPLE_BIG[@]}" \
+  --sample-rounds 1 --profile "$TMP/profile_8b_eager_lora32.txt"
+
 stage tp1_check 150 $PY scripts/tp1_reference.py --check --json "$OUT/tp1_check.json"; CORRECT=$?
 
-BENCH=($PY scripts/bench_throughput.py --models-cache "$MODELS")
-stage bench_8b_bf16 150 "${BENCH[@]}" --json "$OUT/bench_8b_bf16.json" --no-server --shape "$BIG" --dtype bf16 \
-  "${TRAIN_BIG[@]}" --steps 3 "${SAMPLE_BIG[@]}" --sample-rounds 1 --profile "$OUT/profile_8b.txt"
-stage bench_8b_bf16_lora16 90 "${BENCH[@]}" --json "$OUT/bench_8b_bf16_lora16.json" --no-server --shape "$BIG" \
-  --dtype bf16 --lora-compute base "${TRAIN_BIG[@]}" --steps 3 --sample-requests 1 --prompt-tokens 8 --sample-tokens 4 \
-  --sample-rounds 1
-stage bench_8b_bf16_b4 90 "${BENCH[@]}" --json "$OUT/bench_8b_bf16_b4.json" --no-server --shape "$BIG" \
-  --dtype bf16 --batch $(( 2 * ${TRAIN_BIG[1]} )) "${TRAIN_BIG[@]:2}" --steps 3 --sample-requests 1 --prompt-tokens 8 \
-  --sample-tokens 4 --sample-rounds 1
+BIG_LIMIT=90 TINY_SAMPLE=(--sample-requests 1 --prompt-tokens 8 --sample-tokens 4 --sample-rounds 1)
+big 8b_compiled_lora32 --kernels compiled --lora-compute fp32 "${TRAIN_BIG[@]}" --steps 3 "${TINY_SAMPLE[@]}"
+big 8b_compiled_lora16_b4 --kernels compiled --lora-compute base --batch $(( 2 * ${TRAIN_BIG[1]} )) \
+  "${TRAIN_BIG[@]:2}" --steps 3 "${TINY_SAMPLE[@]}"
 
-stage bench_0.6b_bf16 120 "${BENCH[@]}" --json "$OUT/bench_0.6b_bf16.json" --no-server --shape "$SMALL" --dtype bf16 \
-  "${TRAIN_SMALL[@]}" --steps 5 "${SAMPLE_SMALL[@]}" --sample-rounds 1
-stage bench_0.6b_bf16_server 180 "${BENCH[@]}" --json "$OUT/bench_0.6b_bf16_server.json" --start-server --shape "$SMALL" \
-  --dtype bf16 "${TRAIN_SMALL[@]}" --steps 4 "${SAMPLE_SMALL[@]}" --sample-rounds 1 --probe-steps 2
+stage 0.6b_server 200 "${BENCH[@]}" --json "$TMP/0.6b_server.json" --start-server --shape "$SMALL" --dtype bf16 \
+  --kernels compiled --lora-compute base "${TRAIN_SMALL[@]}" --steps 4 "${SAMPLE_SMALL[@]}" --sample-rounds 1 \
+  --probe-steps 2
+
+for f in "$TMP"/profile_*.txt; do [[ -f $f ]] && { echo "=== $(basename "$f")"; cat "$f"; }; done > "$OUT/profiles.txt"
 
 echo "== summary"
-$PY - "$OUT" <<'EOF' | tee -a "$LOG"
+$PY - "$TMP" "$OUT/results.json" <<'EOF' | tee -a "$LOG"
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-for name in ("bench_0.6b_bf16", "bench_0.6b_bf16_server", "bench_8b_bf16", "bench_8b_bf16_lora16", "bench_8b_bf16_b4"):
+tmp, results = Path(sys.argv[1]), {}
+for name in ("8b_compiled_lora16", "8b_eager_lora32", "8b_compiled_lora32", "8b_compiled_lora16_b4", "0.6b_server"):
     try:
-        r = json.loads((out / f"{name}.json").read_text())
+        r = results[name] = json.loads((tmp / f"{name}.json").read_text())
     except (OSError, ValueError):
         print(f"{name:24} no result")
         continue
     inproc, server, mfu = r.get("inprocess", {}), r.get("server", {}), r.get("mfu", {})
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
-    print(f"{name:24} in-process train {inproc['train']['tokens_per_s']} tok/s (MFU {pct(mfu.get('inprocess'))}), "
+    print(f"{name:24} in-process train {inproc['train']['tokens_per_s']} tok/s (MFU {pct(mfu.get('inprocess'))}; "
+          f"fb {inproc['train']['fb_ms']} ms, optim {inproc['train']['optim_ms']} ms), "
           f"sample {inproc['sample']['tokens_per_s']} tok/s, build {inproc['build_s']} s, "
           f"peak {inproc.get('peak_memory_gib', '-')} GiB"
           + (f"; server train {server['train']['tokens_per_s']} tok/s (MFU {pct(mfu.get('server'))}), "
              f"sample {server['sample']['tokens_per_s']} tok/s; overhead {r.get('overhead')}" if server else ""))
+Path(sys.argv[2]).write_text(json.dumps(results, indent=1) + "\n")
 EOF
+grep -H "^profiled step" "$TMP"/profile_*.txt 2>/dev/null | sed "s|$TMP/||" | tee -a "$LOG"
 exit $CORRECT
