@@ -73,8 +73,9 @@ class TrainingBackend(ABC):
         `paused_sampling()`: they must neither change nor remove what the running rows use."""
 
     def room_beside_sampling(self) -> bool:
-        """Whether the memory left beside the running sampling batch fits an operation now (else
-        it waits: for rows to finish, at worst for the batch to end)."""
+        """Whether the memory left on this rank beside the running sampling batch fits an operation
+        now (else it waits: for rows to finish, at worst for the batch to end). Every rank asks
+        its own; the operation runs only when all of them have room (`all_agree`)."""
         return True
 
     def paused_sampling(self) -> ContextManager:
@@ -87,4 +88,9 @@ class TrainingBackend(ABC):
 
     def agree(self, value: int) -> int:
         """The replica leader's `value`, on every rank of the replica (a collective); one process: `value`."""
+        return value
+
+    def all_agree(self, value: int) -> int:
+        """The least `value` of every rank of every replica, on each of them (a collective over all
+        ranks); one process: `value`."""
         return value

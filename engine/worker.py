@@ -3,11 +3,12 @@
 Every rank runs the same commands in the same order (they meet in collectives), except that a
 sampling item reaches only the ranks of one data-parallel replica, which run it (and the
 sampling items that join it, `SampleJoins`) on their own and whose leader answers. Other
-commands that arrive during a sampling batch run between two of its decode steps, in order.
-Otherwise only rank 0's answer goes back to the server, stamped with when it ran and how many tensor
-bytes it carries (`Transport`). On CPU the ranks of this machine share its cores: each
-takes cores // ranks intra-op threads unless OMP_NUM_THREADS says otherwise. Never
-imports aiohttp.
+commands that arrive during a sampling batch run between two of its decode steps, in order,
+once every rank of every replica is ready for them (`SampleJoins`; a rank that is not sampling
+says so from this loop, `wait_for_every_rank`). Otherwise only rank 0's answer goes back to the
+server, stamped with when it ran and how many tensor bytes it carries (`Transport`). On CPU the
+ranks of this machine share its cores: each takes cores // ranks intra-op threads unless
+OMP_NUM_THREADS says otherwise. Never imports aiohttp.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import traceback
 from collections import deque
 
 from engine.messages import Transport, UserError, WorkerFailed, WorkerReady, WorkItem, WorkResult
-from engine.sample_joins import SampleJoins
+from engine.sample_joins import SampleJoins, send
 from engine.shm_queue import ShmQueue, raise_open_file_limit, tensor_bytes
 
 log = logging.getLogger("tinkercloud.worker")
@@ -50,10 +51,11 @@ def main(env: dict[str, str], spec, inbox: ShmQueue, outbox: ShmQueue) -> None:
             leader = backend.leads_replica
             between = functools.partial(run_between_decode_steps, backend, outbox, rank == 0)
             joins = SampleJoins(item, inbox, outbox, stash, leader, backend.agree, between, backend.room_beside_sampling,
-                                spec.interleave_share)
+                                spec.interleave_share, backend.all_agree)
             replies = run_sampling(backend, item, joins)
         else:
             leader = rank == 0
+            wait_for_every_rank(backend)
             replies = [run_item(backend, item)]
         if leader:
             for reply in replies:
@@ -72,6 +74,14 @@ def share_cpu_cores(local_workers: int) -> None:
     log.info("CPU worker: %d intra-op thread(s) (%d core(s), %d local worker(s))", threads, os.cpu_count(), local_workers)
 
 
+def wait_for_every_rank(backend) -> None:
+    """Before an operation that every rank runs: the ranks of replicas still sampling are ready
+    for it only between two of their decode steps, at their turn (`SampleJoins.take` asks every
+    rank, one collective each time); this rank, which is not sampling, answers yes until all are."""
+    while not backend.all_agree(1):
+        pass
+
+
 def run_item(backend, item: WorkItem) -> WorkResult:
     started = time.time()
     reply = _run(backend, item)
@@ -86,7 +96,7 @@ def run_between_decode_steps(backend, outbox: ShmQueue, answers: bool, item: Wor
         reply = run_item(backend, item)
     reply.transport.interleaved = True
     if answers:
-        outbox.put(reply)
+        send(outbox, reply)  # never raises: the other ranks go on to the batch's next collectives
 
 
 def run_sampling(backend, item: WorkItem, joins: SampleJoins) -> list[WorkResult]:

@@ -11,6 +11,10 @@ proportional to the gradient, so equal weights after it mean equal gradients), s
 checkpoint round trip; a loss that fails on one rank only (a DP share, or the last stage) fails
 the request on all of them without a hang. A layout that does not divide the workers is
 refused at start-up.
+
+With DP=2 both replicas may be sampling when a training step arrives: it runs between decode
+steps only once every replica is ready for it, and a replica that cannot run it yet (its batch
+closed by a request of another base model) does not stop the other from decoding.
 """
 from __future__ import annotations
 
@@ -370,3 +374,94 @@ def test_tied_embeddings_split_over_two_stages_with_the_automatic_micro_batch_bu
     _assert_close_lists(after_b, after_a)
     assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-5)
     assert tok_b == tok_a
+
+
+LLAMA = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def server_dp2_two_models(tiny_models, tmp_path_factory):
+    """DP=2 (TP=1) serving both tiny models: a sampling item of the other base model cannot join
+    a running batch and closes it."""
+    srv = ServerProcess(tmp_path_factory.mktemp("dp2-two-models"), tiny_models, workers=2,
+                        extra_args=("--tp", "1")).start()
+    assert "tp=1 x pp=1 x dp=2" in srv.log_path.read_text()
+    yield srv
+    srv.stop()
+
+
+def _interleaved(server) -> dict[str, int]:
+    status, body = RawClient(server.url).get_json("metrics")
+    assert status == 200, body
+    return {op: m.get("interleaved_items", 0) for op, m in body["transport"]["ops"].items()}
+
+
+def _long(sampler, first_token: int, rows: int, tokens: int, seed: int):
+    return sampler.sample(types.ModelInput.from_ints([first_token, 6, 7, 8]), rows,
+                          types.SamplingParams(max_tokens=tokens, temperature=1.0, seed=seed, stop=[]))
+
+
+def test_a_training_step_waits_for_a_replica_whose_batch_is_closed_and_the_other_decodes_on(server_dp2_two_models):
+    """Replica 0 decodes a generation of 4 x 600 tokens; replica 1 one of 2040 tokens, closed by a
+    Llama request (it cannot join, so it runs after it). A forward_backward then needs every rank:
+    replica 1 can run it only once its batch has ended. Replica 0 must not wait for that inside the
+    step's collectives: it decodes on and finishes its generation while replica 1 still decodes,
+    and the step runs afterwards, once both are ready, with exactly its result on an idle server."""
+    srv = server_dp2_two_models
+    client = _client(srv.url)
+    run = client.create_lora_training_client(QWEN, rank=4, seed=3).result()
+    sampler = run.save_weights_and_get_sampling_client().result()
+    short = _long(sampler, 5, 4, 600, seed=1)  # replica 0 (both idle: the first)
+    time.sleep(0.3)
+    long = _long(sampler, 9, 1, 2040, seed=2)  # replica 1, the less loaded
+    time.sleep(0.3)
+    llama = client.create_sampling_client(base_model=LLAMA).result().sample(
+        types.ModelInput.from_ints([1, 2, 3]), 1, types.SamplingParams(max_tokens=2, temperature=1.0, seed=3, stop=[]))
+    time.sleep(0.3)  # replica 1's batch is closed now (the Llama request is next in its stash)
+    assert not short.future().done() and not long.future().done()
+    fb = run.forward_backward(_data(3), "cross_entropy")
+    assert len(short.result(timeout=300).sequences[0].tokens) == 600
+    assert not long.future().done(), "replica 0 stopped decoding until replica 1's batch ended"
+    assert not fb.future().done()  # it needs replica 1, whose batch is still running
+    during = fb.result(timeout=300)
+    assert len(long.result(timeout=300).sequences[0].tokens) == 2040
+    assert len(llama.result(timeout=60).sequences[0].tokens) == 2
+    again = _client(srv.url).create_lora_training_client(QWEN, rank=4, seed=3).result()
+    alone = again.forward_backward(_data(3), "cross_entropy").result()
+    _assert_close_lists(logprobs_of(during), logprobs_of(alone))
+    assert during.metrics["loss:sum"] == pytest.approx(alone.metrics["loss:sum"], rel=1e-6)
+
+
+def test_both_replicas_sampling_run_training_between_their_decode_steps(server_dp2_two_models):
+    """Each replica decodes a long generation; another client creates an adapter, trains a step and
+    saves a sampler meanwhile. Every rank of both replicas runs each operation between two of its
+    decode steps (the metrics count them on replica 0's leader, which answers), neither generation
+    waits for them nor they for it, and the results are those of an idle server."""
+    srv = server_dp2_two_models
+    sampler = _client(srv.url).create_lora_training_client(QWEN, rank=4, seed=5).result() \
+        .save_weights_and_get_sampling_client().result()
+    before = _interleaved(srv)
+    longs = [_long(sampler, 5, 1, 2040, seed=11)]
+    time.sleep(0.3)
+    longs.append(_long(sampler, 9, 1, 2040, seed=12))  # the other replica
+    time.sleep(0.3)
+
+    def train() -> tuple:
+        tc = _client(srv.url).create_lora_training_client(QWEN, rank=4, seed=9).result()
+        fb = tc.forward_backward(_data(3), "cross_entropy").result(timeout=300)
+        step = tc.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=300)
+        new = tc.save_weights_and_get_sampling_client().result(timeout=300)
+        after = tc.forward(_data(3), "cross_entropy").result(timeout=300)
+        return fb, step, after, new
+
+    during = train()
+    assert not any(f.future().done() for f in longs), "the training waited for a generation"
+    counted = {op: n - before.get(op, 0) for op, n in _interleaved(srv).items()}
+    assert {op: counted.get(op, 0) for op in ("create_adapter", "forward_backward", "optim_step", "save_for_sampler")} \
+        == {"create_adapter": 1, "forward_backward": 2, "optim_step": 1, "save_for_sampler": 1}
+    assert [len(f.result(timeout=300).sequences[0].tokens) for f in longs] == [2040, 2040]
+    alone = train()
+    for got, ref in ((during[0], alone[0]), (during[2], alone[2])):
+        _assert_close_lists(logprobs_of(got), logprobs_of(ref))
+    assert during[0].metrics["loss:sum"] == pytest.approx(alone[0].metrics["loss:sum"], rel=1e-6)
+    assert during[1].metrics["grad_norm:mean"] == pytest.approx(alone[1].metrics["grad_norm:mean"], rel=1e-6)

@@ -398,7 +398,8 @@ def test_training_sent_during_a_long_sample_runs_between_its_decode_steps(server
 def test_a_sampler_evicted_while_a_batch_uses_it_keeps_serving_that_batch(server, trained):
     """Snapshots saved during a long generation push the sampler it uses out of memory (64 newer
     ones: it is the least recently used). The running rows keep its weights to the end: the long
-    generation gives exactly what it gave before; only afterwards is the sampler gone."""
+    generation gives exactly what it gave before; only afterwards is the sampler gone. (That its
+    factors go as soon as the last row using it is done: tests/test_snapshot_use.py.)"""
     import time
 
     tc, _ = trained
@@ -422,24 +423,41 @@ def test_a_sampler_evicted_while_a_batch_uses_it_keeps_serving_that_batch(server
 def test_with_interleave_share_0_training_waits_for_the_generation(tiny_models, tmp_path):
     """`--interleave-share 0` reaches the workers: a training step sent during a long generation
     runs only after it (none runs between its decode steps), as an operator who wants sampling
-    undisturbed asks."""
+    undisturbed asks: when the step's result is there, so is the generation's (asked once, without
+    waiting: this server answers a pending future after 0.2 s)."""
     import time
 
     import tinker
 
     from tests.conftest import API_KEY, ServerProcess
+    from tests.helpers import RawClient
 
-    srv = ServerProcess(tmp_path, {QWEN: tiny_models[QWEN]}, extra_args=("--interleave-share", "0")).start()
+    config = tmp_path / "config.yaml"
+    config.write_text("long_poll_seconds: 0.2\n")
+    srv = ServerProcess(tmp_path, {QWEN: tiny_models[QWEN]},
+                        extra_args=("--interleave-share", "0", "--config", str(config))).start()
     try:
         client = tinker.ServiceClient(base_url=srv.url, api_key=API_KEY)
         tc = client.create_lora_training_client(QWEN, rank=4, seed=2).result()
-        sampler = tc.save_weights_and_get_sampling_client().result()
-        long = sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=1000, temperature=1.0, seed=3, stop=[]))
+        raw = RawClient(srv.url)
+        sampler_id = raw.post("create_sampling_session", {"session_id": raw.session(), "sampling_session_seq_id": 0,
+                                                          "base_model": QWEN}).json()["sampling_session_id"]
+        long = raw.post("asample", {"sampling_session_id": sampler_id, "seq_id": 0, "num_samples": 1, "type": "sample",
+                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT.to_ints()}]},
+                                    "sampling_params": {"max_tokens": 1000, "seed": 3, "stop": []}}).json()["request_id"]
+
+        def generation_done() -> bool:
+            r = raw.post("retrieve_future", {"request_id": long, "allow_metadata_only": False})
+            return not r.headers.get("content-type", "").startswith("application/json") or r.json().get("type") != "try_again"
+
         time.sleep(0.5)
-        assert not long.future().done()  # the training step arrives while the generation decodes
+        assert not generation_done()  # the training step arrives while the generation decodes
         fb = tc.forward_backward([sft_datum(PROMPT.to_ints(), [100, 200])], "cross_entropy").result()
+        assert generation_done(), "the training step ran during the generation"
         assert np.isfinite(fb.metrics["loss:sum"])
-        assert _interleaved(srv).get("forward_backward", 0) == 0  # so it ran after the generation
-        assert len(long.result().sequences[0].tokens) == 1000
+        assert _interleaved(srv).get("forward_backward", 0) == 0  # none ran between its decode steps
+        from tinker.proto.response_conv import deserialize_sample_response
+
+        assert len(deserialize_sample_response(raw.result(long)).sequences[0].tokens) == 1000
     finally:
         srv.stop()

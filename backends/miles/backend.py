@@ -403,8 +403,9 @@ class MilesBackend(TrainingBackend):
         return results
 
     def room_beside_sampling(self) -> bool:
-        """One micro-batch's planned memory (`micro_batch_bytes`) is free beside the running batch's
-        KV caches (on a GPU, counting what torch's allocator holds unused)."""
+        """One micro-batch's planned memory (`micro_batch_bytes`) is free on this rank beside the
+        running batch's KV caches (on a GPU, counting what torch's allocator holds unused). Each
+        rank asks its own; `SampleJoins` runs the operation only once all of them have room."""
         free = free_memory(self.device)
         if self.device.type == "cuda":
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
@@ -426,6 +427,9 @@ class MilesBackend(TrainingBackend):
 
     def agree(self, value: int) -> int:
         return from_rank_0(value, self.device, self.replica)
+
+    def all_agree(self, value: int) -> int:
+        return least_over_ranks(value, self.device)
 
     def _resolve(self, requests: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None, str | None]]:
         """(request, its adapter, why it is refused or None) for each request (collectives over the
@@ -466,19 +470,24 @@ class MilesBackend(TrainingBackend):
                 results[i] = {"error": refusal, "category": "user"}
             else:
                 by_base.setdefault(req["base_model"], []).append((i, _spec(req, adapter)))
-        # Requests may join only a generation of the one base model this batch samples.
+        # Requests may join only a generation of the one base model this batch samples; a batch of
+        # several still takes part in `joins.take` between decode steps (operations may run there,
+        # and every rank must answer whether it is ready for them), but nothing joins it.
+        one_base = len(by_base) == 1
         joined = None
-        if joins is not None and len(by_base) == 1:
-            joined = _Joined(joins, self._resolve, results, [i for i, _ in next(iter(by_base.values()))])
+        if joins is not None:
+            joined = _Joined(joins, self._resolve, results,
+                             [i for i, _ in next(iter(by_base.values()))] if one_base else [])
         for name, specs in by_base.items():
             base, cache = self.bases[name], self.prefix_caches[name]
             cache.retain(lambda adapter: adapter is None or self._has_snapshot(adapter))  # evicted snapshots' K/V go too
             poll = on_done = None
             if joined is not None:
-                poll, on_done = functools.partial(joined.take, name), joined.done
+                poll = functools.partial(joined.take, name if one_base else None)
+                on_done = joined.done if one_base else None
             outs = generate(base.model, [s for _, s in specs], decode=base.decode, route=base.lora.route,
                             prefix_cache=cache, poll=poll, on_done=on_done)
-            if joined is None:  # else `joined.done` already filled `results` in, spec by spec
+            if on_done is None:  # else `joined.done` already filled `results` in, spec by spec
                 for (i, _), out in zip(specs, outs):
                     results[i] = _sample_result(out)
         return results + (joined.results() if joined is not None else [])
@@ -495,8 +504,9 @@ class _Joined:
         self.items: list[list[dict[str, Any] | None]] = [first]
         self.slots: list[tuple[int, int]] = [(0, j) for j in first_slots]  # (item, request) of each spec, in spec order
 
-    def take(self, base_model: str) -> list[SampleSpec]:
-        """The specs of the requests that join now (a collective over the replica's ranks)."""
+    def take(self, base_model: str | None) -> list[SampleSpec]:
+        """The specs of the requests that join now (None: none may; a collective over the replica's
+        ranks, and one over every rank when an operation waits)."""
         new = []
         for reqs in self.joins.take(lambda reqs: all(r["base_model"] == base_model for r in reqs)):
             k = len(self.items)
