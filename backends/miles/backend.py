@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +113,10 @@ class MilesBackend(TrainingBackend):
         # Every rank must cut a batch into the same micro-batches: plan from the least free memory.
         self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device) * MICROBATCH_MEMORY_SHARE)
         self.recompute = spec.recompute
-        self._in_use: set[str] = set()  # snapshots that rows of the running sampling batch use
-        self._drop_after_batch: dict[str, _Base] = {}  # snapshots forgotten while rows still used them
+        # Snapshot -> requests of the running sampling batch that use it and have not finished yet:
+        # counted when they join, let go when their rows are done (`_let_go`).
+        self._in_use: Counter[str] = Counter()
+        self._drop_when_unused: dict[str, _Base] = {}  # snapshots forgotten while rows still used them
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {
@@ -346,21 +348,35 @@ class MilesBackend(TrainingBackend):
     def _forget_snapshot(self, key: str) -> None:
         """Drop snapshot `key` from whichever pool holds it (a key is only ever in one). Rows of the
         running sampling batch may still use it (an operation that ran between its decode steps
-        evicted it): then its factors stay until the batch ends."""
+        evicted it): then its factors stay until the last of those rows is done."""
         base = self.loaded.pop(key, None) if key in self.loaded else self.saved.pop(key, None)
         if base is None:
             return
         if key in self._in_use:
-            self._drop_after_batch[key] = base
+            self._drop_when_unused[key] = base
         else:
             base.lora.remove_adapter(key)
 
+    def _let_go(self, key: str | None) -> None:
+        """A request of the running batch that used snapshot `key` is done (or refused): the
+        snapshot's factors go if it was forgotten meanwhile and no other request uses it."""
+        if key is None:
+            return
+        self._in_use[key] -= 1
+        if self._in_use[key] <= 0:
+            del self._in_use[key]
+            base = self._drop_when_unused.pop(key, None)
+            if base is not None and not self._has_snapshot(key):  # unless read back into a pool since
+                base.lora.remove_adapter(key)
+
     def _sampling_batch_ended(self) -> None:
+        """Every request of the batch is done (some may not have said so: a failure, or a batch of
+        several base models): what is still counted in use is not."""
         self._in_use.clear()
-        for key, base in self._drop_after_batch.items():
+        for key, base in self._drop_when_unused.items():
             if not self._has_snapshot(key):  # unless read back into a pool since
                 base.lora.remove_adapter(key)
-        self._drop_after_batch.clear()
+        self._drop_when_unused.clear()
 
     def _remember_saved(self, key: str, base: _Base) -> None:
         """Keep the snapshot save_for_sampler made. Only this operation, which every rank runs,
@@ -447,13 +463,15 @@ class MilesBackend(TrainingBackend):
                 except UserError as e:
                     refused[i] = str(e)
                 if adapters.get(i) is not None:
-                    self._in_use.add(adapters[i])  # at once: a later load of this call must not evict it
+                    self._in_use[adapters[i]] += 1  # at once: a later load of this call must not evict it
                     if not was_loaded:
                         loaded_now[i] = adapters[i]
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
         raise_first_failure(error, self.replica)
         refused = union_over_ranks(refused, self.replica)
+        for i in refused:
+            self._let_go(adapters.get(i))
         kept = {a for i, a in adapters.items() if a is not None and i not in refused}
         for i in refused.keys() & loaded_now.keys():  # refused elsewhere: keep the ranks' snapshots equal
             if loaded_now[i] in kept:  # another request of this batch uses it
@@ -476,8 +494,8 @@ class MilesBackend(TrainingBackend):
         one_base = len(by_base) == 1
         joined = None
         if joins is not None:
-            joined = _Joined(joins, self._resolve, results,
-                             [i for i, _ in next(iter(by_base.values()))] if one_base else [])
+            joined = _Joined(joins, self._resolve, self._let_go, results,
+                             [(i, s.adapter) for i, s in next(iter(by_base.values()))] if one_base else [])
         for name, specs in by_base.items():
             base, cache = self.bases[name], self.prefix_caches[name]
             cache.retain(lambda adapter: adapter is None or self._has_snapshot(adapter))  # evicted snapshots' K/V go too
@@ -496,13 +514,16 @@ class MilesBackend(TrainingBackend):
 class _Joined:
     """The items of a running generation (`SampleJoins`): item 0, whose requests started it, then
     the items whose requests joined it. Each item is answered as soon as all its requests are done
-    (or refused), so a short request does not wait for the longest one in its batch."""
+    (or refused), so a short request does not wait for the longest one in its batch; the snapshot
+    each request used is let go then (`let_go`)."""
 
-    def __init__(self, joins, resolve, first: list[dict[str, Any] | None], first_slots: list[int]) -> None:
-        self.joins, self.resolve = joins, resolve
+    def __init__(self, joins, resolve, let_go, first: list[dict[str, Any] | None],
+                 first_specs: list[tuple[int, str | None]]) -> None:
+        self.joins, self.resolve, self.let_go = joins, resolve, let_go
         # per item: its requests' results (item 0's refusals already filled in)
         self.items: list[list[dict[str, Any] | None]] = [first]
-        self.slots: list[tuple[int, int]] = [(0, j) for j in first_slots]  # (item, request) of each spec, in spec order
+        # (item, request, adapter) of each spec, in spec order
+        self.slots: list[tuple[int, int, str | None]] = [(0, j, adapter) for j, adapter in first_specs]
 
     def take(self, base_model: str | None) -> list[SampleSpec]:
         """The specs of the requests that join now (None: none may; a collective over the replica's
@@ -515,15 +536,16 @@ class _Joined:
                 if refusal is not None:
                     self.items[k][j] = {"error": refusal, "category": "user"}
                 else:
-                    self.slots.append((k, j))
+                    self.slots.append((k, j, adapter))
                     new.append(_spec(req, adapter))
             self._answer_if_complete(k)  # every request refused: answered at once
         return new
 
     def done(self, si: int, out: SampleResult) -> None:
-        """Spec `si` of the generation finished."""
-        k, j = self.slots[si]
+        """Spec `si` of the generation finished: its rows no longer use its snapshot."""
+        k, j, adapter = self.slots[si]
         self.items[k][j] = _sample_result(out)
+        self.let_go(adapter)
         self._answer_if_complete(k)
 
     def _answer_if_complete(self, k: int) -> None:
