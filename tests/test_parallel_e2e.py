@@ -465,3 +465,37 @@ def test_both_replicas_sampling_run_training_between_their_decode_steps(server_d
         _assert_close_lists(logprobs_of(got), logprobs_of(ref))
     assert during[0].metrics["loss:sum"] == pytest.approx(alone[0].metrics["loss:sum"], rel=1e-6)
     assert during[1].metrics["grad_norm:mean"] == pytest.approx(alone[1].metrics["grad_norm:mean"], rel=1e-6)
+
+
+def test_a_replica_sampling_two_base_models_at_once_runs_training_between_its_decode_steps(server_dp2_two_models):
+    """Replica 0 decodes 4 x 600 tokens; a burst of a Qwen and a Llama request (one event-loop
+    turn) goes to replica 1 as one item, a batch of two base models (nothing can join it). A
+    forward_backward sent then runs between decode steps on both replicas: the batch of two base
+    models takes part too, so neither replica waits for the other's generation to end."""
+    from tinker.proto.response_conv import deserialize_sample_response
+
+    srv = server_dp2_two_models
+    run = _client(srv.url).create_lora_training_client(QWEN, rank=4, seed=3).result()
+    sampler = run.save_weights_and_get_sampling_client().result()
+    short = _long(sampler, 5, 4, 600, seed=1)  # replica 0
+    time.sleep(0.3)
+    raw = RawClient(srv.url)
+    session = raw.session()
+    bodies = []
+    for seq, (base, tokens) in enumerate(((QWEN, 2040), (LLAMA, 300))):
+        sampler_id = raw.post("create_sampling_session", {"session_id": session, "sampling_session_seq_id": seq,
+                                                          "base_model": base}).json()["sampling_session_id"]
+        bodies.append({"sampling_session_id": sampler_id, "seq_id": 0, "num_samples": 1, "type": "sample",
+                       "prompt": {"chunks": [{"type": "encoded_text", "tokens": [9, 6, 7, 8]}]},
+                       "sampling_params": {"max_tokens": tokens, "seed": 2, "stop": []}})
+    items_before = _replica_items(srv).get("1", 0)
+    burst = [h["request_id"] for h in post_in_one_turn(srv, "/api/v1/asample", bodies)]  # both to replica 1
+    time.sleep(0.3)
+    fb = run.forward_backward(_data(3), "cross_entropy").result(timeout=300)
+    assert np.isfinite(fb.metrics["loss:sum"])
+    assert _replica_items(srv).get("1", 0) == items_before, "the training step waited for replica 1's batch"
+    assert not short.future().done(), "the training step waited for replica 0's generation"
+    got = [deserialize_sample_response(raw.result(r, timeout=300)) for r in burst]
+    assert [len(g.sequences[0].tokens) for g in got] == [2040, 300]
+    assert _replica_items(srv)["1"] - items_before == 1  # one item of both base models
+    assert len(short.result(timeout=300).sequences[0].tokens) == 600
