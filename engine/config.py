@@ -20,7 +20,7 @@ BACKENDS = ("miles", "nemo_rl")
 DTYPES = ("auto", "float32", "bfloat16")
 RECOMPUTE = ("none", "selective", "full")
 LORA_COMPUTE = ("float32", "base")
-KERNELS = ("auto", "eager", "compiled")  # backends/miles/fusions.py
+KERNELS = ("eager", "compiled")  # backends/miles/fusions.py
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Config:
     dtype: str = "auto"  # base weights: bfloat16 on GPUs, float32 on CPU; adapters and Adam state stay float32
     recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (whole layers)
     lora_compute: str = "float32"  # LoRA products in float32, or in the base weights' dtype ("base")
-    kernels: str = "auto"  # RMSNorm / RoPE / SwiGLU: compiled into fused kernels, or eager; auto: compiled on GPUs
+    kernels: str = "eager"  # RMSNorm / RoPE / SwiGLU: eager, or compiled into one fused kernel each
     # while a sampling batch decodes, the share of the worker's time the operations that arrive
     # meanwhile (training, checkpoints) may take between its decode steps; 0: they wait for its end
     interleave_share: float = 0.5
@@ -136,8 +136,8 @@ class Config:
         p.add_argument("--lora-compute", choices=LORA_COMPUTE,
                        help="dtype of the LoRA products: float32 (default) or the base weights' (factors stay float32)")
         p.add_argument("--kernels", choices=KERNELS,
-                       help="RMSNorm, RoPE and SwiGLU as torch.compile'd fused kernels (compiled) or not (eager); "
-                            "default auto: compiled on GPUs with Triton, eager on CPU")
+                       help="RMSNorm, RoPE and SwiGLU as PyTorch's small kernels (eager, the default) or "
+                            "torch.compile'd into one fused kernel each (compiled)")
         p.add_argument("--interleave-share", type=float,
                        help="while a sampling batch decodes, the share of the worker's time other operations may "
                             "take between its decode steps (0..1, default 0.5; 0: they wait for the batch to end)")

@@ -41,7 +41,7 @@ class WorkerSpec:
     dtype: str = "auto"  # base weights (Config.dtype)
     recompute: str = "none"  # activation recomputation (Config.recompute)
     lora_compute: str = "float32"  # dtype of the LoRA products (Config.lora_compute)
-    kernels: str = "auto"  # fused or eager elementwise kernels (Config.kernels)
+    kernels: str = "eager"  # fused or eager elementwise kernels (Config.kernels)
     interleave_share: float = 0.5  # of a sampling batch's time, what operations between its steps may take
     # the global ranks of each data-parallel replica, its leader first (ParallelDims.replica_ranks);
     # empty: one replica of every rank

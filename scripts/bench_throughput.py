@@ -434,7 +434,7 @@ def latency_split(probe: dict, inproc: dict) -> dict:
 
 # ---- in-process (subprocess with a torchrun environment, world size 1) --------------------
 def run_inprocess(model_dir: str, wl: Workload, dtype: str, profile: str | None = None,
-                  lora_compute: str = "fp32", kernels: str = "auto") -> dict:
+                  lora_compute: str = "fp32", kernels: str = "eager") -> dict:
     spec = {"model_dir": model_dir, "workload": asdict(wl), "dtype": dtype, "profile": profile,
             "lora_compute": lora_compute, "kernels": kernels}
     env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ,  # as the server's workers get it (engine/pool.py)
@@ -452,7 +452,6 @@ def inprocess_main(spec: dict) -> dict:
     from megatron.core import parallel_state
 
     from backends.common.optimizer import AdapterOptimizer
-    from backends.miles.fusions import resolve_kernels
     from backends.miles.lora import LoraManager
     from backends.miles.model import build_model
     from backends.miles.parallel import ParallelDims, init_distributed
@@ -461,7 +460,7 @@ def inprocess_main(spec: dict) -> dict:
     device = init_distributed(ParallelDims(tp=1))
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    kernels = resolve_kernels(spec.get("kernels", "auto"), device)
+    kernels = spec.get("kernels", "eager")
     model = build_model(spec["model_dir"], device, dtype, random_weights=not has_weights(spec["model_dir"]),
                         kernels=kernels)
     lora = LoraManager(model, compute_dtype=dtype if spec.get("lora_compute") == "base" else torch.float32)
@@ -668,9 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-compute", choices=("fp32", "base"), default="fp32",
                    help="the LoRA products in float32 (the server's default) or in the base weights' dtype (factors "
                         "and optimizer state stay float32), in-process and in a started server")
-    p.add_argument("--kernels", choices=("auto", "eager", "compiled"), default="auto",
-                   help="RMSNorm/RoPE/SwiGLU compiled into fused kernels or eager, in-process and in a started server "
-                        "(auto: compiled on GPUs)")
+    p.add_argument("--kernels", choices=("eager", "compiled"), default="eager",
+                   help="RMSNorm/RoPE/SwiGLU eager or compiled into fused kernels, in-process and in a started server")
     p.add_argument("--profile", metavar="FILE", help="after the timed in-process steps, profile one more and write "
                    "torch.profiler's operator table (sorted by device time) to FILE")
     p.add_argument("--inprocess-spec", help=argparse.SUPPRESS)

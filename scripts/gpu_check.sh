@@ -12,7 +12,7 @@
 #      float32 LoRA products (the earlier runs' configuration: the comparison), each with a torch.profiler
 #      table of one step;
 #   3. TP=1 correctness: the fixed SDK sequence of scripts/tp1_reference.py through a server with one GPU
-#      worker (fp32, its default kernels: compiled on a GPU), against the CPU values in tp1_reference.json;
+#      worker (fp32; kernels from TINKERCLOUD_KERNELS, here compiled), against the CPU values in tp1_reference.json;
 #   4. 8B: compiled kernels with float32 LoRA products (the two changes apart), then the best guess at
 #      twice the batch;
 #   5. Qwen3-0.6B shape, bf16: server through the SDK vs in-process, overhead ratio and latency split.
@@ -71,7 +71,7 @@ big 8b_compiled_lora16 --kernels compiled --lora-compute base "${TRAIN_BIG[@]}" 
 big 8b_eager_lora32 --kernels eager --lora-compute fp32 "${TRAIN_BIG[@]}" --steps 3 "${SAMPLE_BIG[@]}" \
   --sample-rounds 1 --profile "$TMP/profile_8b_eager_lora32.txt"
 
-stage tp1_check 150 $PY scripts/tp1_reference.py --check --json "$OUT/tp1_check.json"; CORRECT=$?
+TINKERCLOUD_KERNELS=compiled stage tp1_check 150 $PY scripts/tp1_reference.py --check --json "$OUT/tp1_check.json"; CORRECT=$?
 
 BIG_LIMIT=90 TINY_SAMPLE=(--sample-requests 1 --prompt-tokens 8 --sample-tokens 4 --sample-rounds 1)
 big 8b_compiled_lora32 --kernels compiled --lora-compute fp32 "${TRAIN_BIG[@]}" --steps 3 "${TINY_SAMPLE[@]}"

@@ -32,7 +32,7 @@ def test_flags_override_environment_which_overrides_yaml(tmp_path, monkeypatch):
     assert Config.from_args(["--lora-compute", "float32"]).lora_compute == "float32"
     assert Config.from_args(["--interleave-share", "1"]).interleave_share == 1.0
     assert (cfg.kernels, Config.from_args(["--kernels", "compiled"]).kernels, Config().kernels) == \
-        ("eager", "compiled", "auto")
+        ("eager", "compiled", "eager")
     assert cfg.futures_path == "/d/futures" and cfg.models == (ServedModel("m", "/p"),)
 
 

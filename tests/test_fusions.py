@@ -3,8 +3,8 @@ compute what the eager layers compute: logprobs, a LoRA loss's adapter gradients
 samples, with eager and compiled models of the same weights in one process (the RoPE routing
 is per model), and the compiled one against Hugging Face.
 
-On a GPU `kernels="auto"` picks them; here they are compiled for the CPU (inductor's C++
-backend), so this test checks the wiring and the arithmetic, not GPU speed (BENCHMARKS.md).
+Here they are compiled for the CPU (inductor's C++ backend), so this test checks the wiring
+and the arithmetic, not GPU speed (BENCHMARKS.md).
 """
 from __future__ import annotations
 

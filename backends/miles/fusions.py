@@ -17,23 +17,24 @@ of the three into one kernel (forward and backward) is what `kernels="compiled"`
   one for models built with `kernels="compiled"` and megatron-core's own for the others.
 
 The arithmetic is the eager one; only rounding inside a fused kernel may differ (float32:
-within 1e-6, tests/test_fusions.py). `kernels="auto"` compiles on CUDA when Triton is
-there and stays eager elsewhere: on CPU compiling costs start-up time and gains little.
+within 1e-5, tests/test_fusions.py; bf16: closer to float32 than eager, one rounding per kernel).
+An option, not the default: on an H100 it cut an 8B step's device time by 44 % (with bf16 LoRA
+products) but not its wall time, which the host bounds at batch 2 x 1024, and the first step
+pays the compilation (BENCHMARKS.md, GPU results).
 """
 from __future__ import annotations
 
 import torch
 
-KERNELS = ("auto", "eager", "compiled")
+KERNELS = ("eager", "compiled")
 
 
-def resolve_kernels(kernels: str, device: torch.device | str) -> str:
-    """"eager" or "compiled" for `kernels` ("auto": compiled on a CUDA device with Triton)."""
+def check_kernels(kernels: str, device: torch.device | str) -> None:
+    """Refuses an unknown choice, and compiled kernels on a GPU without Triton (their compiler)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    if kernels != "auto":
-        return kernels
-    return "compiled" if torch.device(device).type == "cuda" and _has_triton() else "eager"
+    if kernels == "compiled" and torch.device(device).type == "cuda" and not _has_triton():
+        raise ValueError("compiled kernels on a GPU need Triton, which is not installed")
 
 
 def _has_triton() -> bool:
@@ -52,6 +53,9 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 _compiled_rms_norm = torch.compile(_rms_norm, dynamic=True)
+# Each compiled function keeps one graph per grad mode (training, no_grad, inference) and per
+# 1-vs-more rows; past torch's default of 8 it would silently fall back to eager.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 class CompiledRMSNorm(torch.nn.RMSNorm):
@@ -64,7 +68,8 @@ class CompiledRMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _compiled_rms_norm(x, self.weight, self.eps)
+        # One rank (2-D) for every caller: the layers' [s, b, h] and the q/k norms' [s, b, heads, d].
+        return _compiled_rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
 
 
 def _route_rope_by_config() -> None:

@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from backends.miles.attention import SdpaAttention
-from backends.miles.fusions import compile_layer_spec, resolve_kernels
+from backends.miles.fusions import check_kernels, compile_layer_spec
 from backends.miles.hf_checkpoint import load_hf_weights, read_hf_config, transformer_config_from_hf
 from backends.miles.parallel import is_first_stage, is_last_stage, pp_size, tp_rank, tp_size
 
@@ -54,7 +54,7 @@ class ModelInfo:
 
 
 def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.dtype = torch.float32,
-                recompute: str = "none", random_weights: bool = False, kernels: str = "auto") -> GPTModel:
+                recompute: str = "none", random_weights: bool = False, kernels: str = "eager") -> GPTModel:
     """This rank's shard of the HF model as an mcore GPTModel, base weights frozen.
 
     Needs `parallel.init_distributed` first. The shard is this rank's tensor-parallel slice of
@@ -64,8 +64,7 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     (`model.unpadded_vocab_size` records the real size). `random_weights` skips the checkpoint
     (only its config.json is read): every matrix N(0, 0.02), every norm 1, drawn on `device`, for
     throughput benchmarks of a model shape whose weights do not matter. `kernels`: "compiled" fuses
-    RMSNorm, RoPE and SwiGLU with torch.compile, "eager" does not, "auto" compiles on CUDA
-    (`fusions.py`).
+    RMSNorm, RoPE and SwiGLU with torch.compile (`fusions.py`), "eager" does not.
     """
     config, gpt_kwargs = transformer_config_from_hf(
         read_hf_config(model_dir), tensor_parallel_size=tp_size(), pipeline_parallel_size=pp_size(), dtype=dtype,
@@ -78,7 +77,8 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     padded_vocab = -(-vocab // tp_size()) * tp_size()
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention
-    if resolve_kernels(kernels, device) == "compiled":
+    check_kernels(kernels, device)
+    if kernels == "compiled":
         compile_layer_spec(spec, config)
     model = GPTModel(config, spec, vocab_size=padded_vocab, pre_process=is_first_stage(),
                      post_process=is_last_stage(), **gpt_kwargs)
