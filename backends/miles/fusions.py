@@ -14,7 +14,9 @@ of the three into one kernel (forward and backward) is what `kernels="compiled"`
   torch.compile), with its hand-written backward.
 - RoPE: megatron-core's unfused `_apply_rotary_pos_emb_bshd`, compiled. Its attention module's
   `apply_rotary_pos_emb` is routed through `_rope` once per process, which takes the compiled
-  one for models built with `kernels="compiled"` and megatron-core's own for the others.
+  one for models built with `kernels="compiled"` and, for the others, `_eager_rope`: the same
+  arithmetic as megatron-core's, with cos/sin made once per forward pass instead of for every q
+  and k of every layer.
 
 The arithmetic is the eager one; only rounding inside a fused kernel may differ (float32:
 within 1e-5, tests/test_fusions.py; bf16: closer to float32 than eager, one rounding per kernel).
@@ -72,10 +74,8 @@ class CompiledRMSNorm(torch.nn.RMSNorm):
         return _compiled_rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
 
 
-def _route_rope_by_config() -> None:
-    """Make megatron-core's attention call `_rope` (idempotent): the compiled RoPE for models whose
-    config asks for it, megatron-core's own otherwise, so eager and compiled models can share a
-    process."""
+def route_rope() -> None:
+    """Make megatron-core's attention call `_rope` for RoPE (idempotent; `build_model` calls it)."""
     from megatron.core.transformer import attention
 
     if attention.apply_rotary_pos_emb is not _rope:
@@ -89,15 +89,47 @@ _compiled_rope_bshd = None
 
 
 def _rope(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
-    if not getattr(config, "compiled_rope", False) or cu_seqlens is not None:
+    """RoPE for megatron-core's attention: the compiled kernel for models built with compiled
+    kernels, else `_eager_rope`; packed (thd) or multi-latent inputs go to megatron-core's own."""
+    if cu_seqlens is not None or config.multi_latent_attention:
         return _megatron_rope(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+    if not getattr(config, "compiled_rope", False):
+        return _eager_rope(t, freqs, config.rotary_interleaved, mscale)
     global _compiled_rope_bshd
     if _compiled_rope_bshd is None:
         from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
         _compiled_rope_bshd = torch.compile(_apply_rotary_pos_emb_bshd, dynamic=True)
     return _compiled_rope_bshd(t, freqs, rotary_interleaved=config.rotary_interleaved,
-                               multi_latent_attention=config.multi_latent_attention, mscale=mscale)
+                               multi_latent_attention=False, mscale=mscale)
+
+
+def _eager_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool, mscale: float) -> torch.Tensor:
+    """megatron-core's unfused RoPE, the same arithmetic, less work: megatron-core recomputes
+    cos(freqs) and sin(freqs), scales and casts them for every q and k of every layer (six kernels
+    a call), and copies the rotated head into a new tensor even when nothing is left unrotated.
+    Here cos/sin are made once per `freqs` tensor (a forward pass hands every layer the same one)
+    and the copy happens only for a partial rotation."""
+    from megatron.core.models.common.embeddings.rope_utils import _rotate_half
+
+    cos, sin = _cos_sin(freqs, t.dtype, mscale)
+    rot = freqs.shape[-1]
+    if rot == t.shape[-1]:
+        return (t * cos) + (_rotate_half(t, interleaved) * sin)
+    head, rest = t[..., :rot], t[..., rot:]
+    return torch.cat(((head * cos) + (_rotate_half(head, interleaved) * sin), rest), dim=-1)
+
+
+_cos_sin_cached: tuple = ()  # (freqs, dtype, mscale, inference mode, cos, sin) of the last call
+
+
+def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype, mscale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    global _cos_sin_cached
+    key = (dtype, mscale, torch.is_inference_mode_enabled())  # inference tensors cannot enter autograd
+    if not _cos_sin_cached or _cos_sin_cached[0] is not freqs or _cos_sin_cached[1:4] != key:
+        cos, sin = (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
+        _cos_sin_cached = (freqs, *key, cos, sin)
+    return _cos_sin_cached[4], _cos_sin_cached[5]
 
 
 def compile_layer_spec(spec, config) -> None:
@@ -109,4 +141,3 @@ def compile_layer_spec(spec, config) -> None:
     if config.qk_layernorm:
         attention = spec.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = CompiledRMSNorm
-    _route_rope_by_config()

@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from backends.miles.attention import SdpaAttention
-from backends.miles.fusions import check_kernels, compile_layer_spec
+from backends.miles.fusions import check_kernels, compile_layer_spec, route_rope
 from backends.miles.hf_checkpoint import load_hf_weights, read_hf_config, transformer_config_from_hf
 from backends.miles.parallel import is_first_stage, is_last_stage, pp_size, tp_rank, tp_size
 
@@ -78,6 +78,7 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention
     check_kernels(kernels, device)
+    route_rope()
     if kernels == "compiled":
         compile_layer_spec(spec, config)
     model = GPTModel(config, spec, vocab_size=padded_vocab, pre_process=is_first_stage(),
