@@ -49,7 +49,10 @@ log = logging.getLogger("tinkercloud.miles")
 # drop, handlers.state.SnapshotUsage; this cap only matters for a server that names none).
 MAX_LOADED_SNAPSHOTS = 64
 MAX_SAVED_SNAPSHOTS = 256
-MICROBATCH_MEMORY_SHARE = 0.25  # of the memory free at start-up that one micro-batch may take
+# Of the memory free at start-up, what one micro-batch may plan to take: a GPU is the worker's own
+# (what else it holds, sampling K/V caches and adapters, is checked before an operation runs beside
+# a sampling batch); a CPU worker shares the machine's RAM with its other workers and processes.
+MICROBATCH_MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
 LOGITS_BYTES = 12  # per logit entry: fp32 logits, their log-softmax and its gradient
 MIN_MICROBATCH_LOGITS = 1 << 27  # never fewer logits (rows x width x local vocab) per micro-batch
 
@@ -96,6 +99,7 @@ class MilesBackend(TrainingBackend):
                                f"(replica {dp_rank()} = ranks {mine}, led by the first)")
         dtype = _weights_dtype(spec.dtype, self.device)
         lora_dtype = dtype if spec.lora_compute == "base" else torch.float32  # factors stay float32 either way
+        self.lora_dtype = lora_dtype
         if is_global_rank_0():
             log.info("base weights in %s, LoRA products in %s", dtype, lora_dtype)
         self.bases: dict[str, _Base] = {}
@@ -111,7 +115,8 @@ class MilesBackend(TrainingBackend):
         self.loaded: OrderedDict[str, _Base] = OrderedDict()
         self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
         # Every rank must cut a batch into the same micro-batches: plan from the least free memory.
-        self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device) * MICROBATCH_MEMORY_SHARE)
+        self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device)
+                                     * MICROBATCH_MEMORY_SHARE.get(self.device.type, MICROBATCH_MEMORY_SHARE["cpu"]))
         self.recompute = spec.recompute
         # Snapshot -> requests of the running sampling batch that use it and have not finished yet:
         # counted when they join, let go when their rows are done (`_let_go`).
@@ -215,7 +220,8 @@ class MilesBackend(TrainingBackend):
         fixed = os.environ.get("TINKERCLOUD_MICROBATCH_LOGITS")
         if fixed:
             return max(1, int(fixed) // base.local_vocab)
-        per_token = base.local_vocab * LOGITS_BYTES + activation_bytes_per_token(base.model, self.recompute)
+        per_token = base.local_vocab * LOGITS_BYTES + activation_bytes_per_token(base.model, self.recompute,
+                                                                                  self.lora_dtype)
         return max(MIN_MICROBATCH_LOGITS // base.local_vocab, self.micro_batch_bytes // per_token)
 
     def optim_step(self, model_id, adam):
@@ -591,13 +597,23 @@ def free_memory(device: torch.device) -> int:
     return _available_ram() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def activation_bytes_per_token(model, recompute: str) -> int:
+def activation_bytes_per_token(model, recompute: str, lora_dtype: torch.dtype | None = None) -> int:
     """What backward keeps per token across this stage's layers, roughly: the inputs of the
     norms, linears and attention, and the MLP's intermediates (hidden states are whole on every
-    tensor-parallel rank, the MLP's are split); with full recomputation only each layer's input."""
+    tensor-parallel rank, the MLP's are split); with full recomputation only each layer's input.
+    LoRA products in another dtype than the weights' (float32 beside bf16) also keep that copy of
+    each wrapped linear's input. With the logits' 12 bytes this gave 11.8 MB a token for the 8B
+    shape and 3.8 for the 0.6B one (bf16, float32 LoRA products), where the H100 measured about
+    11.7 and 3.9 (BENCHMARKS.md, GPU results)."""
     cfg = model.config
-    per_layer = cfg.hidden_size if recompute == "full" else 10 * cfg.hidden_size + 4 * cfg.ffn_hidden_size // tp_size()
-    return len(model.decoder.layers) * per_layer * cfg.params_dtype.itemsize
+    tp = cfg.tensor_model_parallel_size
+    if recompute == "full":
+        return len(model.decoder.layers) * cfg.hidden_size * cfg.params_dtype.itemsize
+    per_layer = (10 * cfg.hidden_size + 4 * cfg.ffn_hidden_size // tp) * cfg.params_dtype.itemsize
+    if lora_dtype is not None and lora_dtype != cfg.params_dtype:
+        wrapped_inputs = 2 * cfg.hidden_size + cfg.num_attention_heads * cfg.kv_channels // tp + cfg.ffn_hidden_size // tp
+        per_layer += wrapped_inputs * lora_dtype.itemsize
+    return len(model.decoder.layers) * per_layer
 
 
 def _available_ram() -> int:
