@@ -38,14 +38,14 @@ class AdapterOptimizer:
         self.steps = 0
 
     def grad_norm(self) -> float:
-        """The global gradient norm; one host sync (the squared sums stay on the device). Each
-        factor's norm comes from one multi-tensor kernel; their squares are summed in float64."""
+        """The global gradient norm; one host sync (the squared sums stay on the device). Every
+        factor's norm comes from one multi-tensor kernel, in float64 like the sum of their squares."""
         grads: dict[bool, list[torch.Tensor]] = {True: [], False: []}
         for _, p, is_sharded in self.params:
             if p.grad is not None:
                 grads[is_sharded].append(p.grad.detach())
-        sharded, replicated = (
-            torch.stack(torch._foreach_norm(g)).double().pow(2).sum() if g
+        sharded, replicated = (  # float64 norms: no overflow or underflow of float32 squares
+            torch.stack(torch._foreach_norm(g, 2, dtype=torch.float64)).pow(2).sum() if g
             else torch.zeros((), dtype=torch.float64, device=self.device)
             for g in (grads[True], grads[False]))
         if _spans(self.tp_group):
