@@ -201,14 +201,16 @@ class LoraLinear(nn.Module):
 
     def _add_up(self, output: torch.Tensor, rows: torch.Tensor | None, h: torch.Tensor,
                 factors: LoraFactors) -> torch.Tensor:
-        """output + scale * B h on the routed rows. When every row is routed here and the product's
-        dtype is the output's, one `addmm` (the sum in the product's epilogue, the scale as its
-        alpha); else the r-wide h is scaled, multiplied and the product added."""
+        """output + scale * B h on the routed rows. When the product's dtype is the output's, one
+        `addmm` (the sum in the product's epilogue, the scale as its alpha), on the routed rows
+        alone when others use other adapters: a row gets the same arithmetic whatever shares its
+        batch. Else the r-wide h is scaled, multiplied, and the product cast and added."""
         lora_B = factors.lora_B.to(self.compute_dtype)
-        if rows is None and output.dtype == self.compute_dtype:
-            width = output.shape[-1]
-            return torch.addmm(output.reshape(-1, width), h.reshape(-1, h.shape[-1]), lora_B.t(),
-                               alpha=factors.scale).view(output.shape)
+        if output.dtype == self.compute_dtype:
+            part = _rows(output, rows)
+            summed = torch.addmm(part.reshape(-1, part.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t(),
+                                 alpha=factors.scale).view(part.shape)
+            return summed if rows is None else output.index_copy(1, rows, summed)
         return _add_rows(output, rows, (factors.scale * h) @ lora_B.t())
 
     def _base(self, input_: torch.Tensor, weight: torch.Tensor | None = None, **kwargs):
