@@ -47,9 +47,10 @@ class SdpaAttention(MegatronModule):
             raise ValueError("SdpaAttention takes no attention bias or packed-sequence params")
         seq, batch = query.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads or groups, s, d]
-        # CUDA's flash kernel reads each group's K/V for its heads itself (no copies); on CPU, and
-        # with a mask, the groups are repeated out to one K/V per head.
-        gqa = self.heads != self.groups and q.is_cuda and attention_mask is None
+        # CUDA's flash kernel (bf16/fp16) reads each group's K/V for its heads itself (no copies);
+        # on CPU, in float32 and with a mask, the groups are repeated out to one K/V per head.
+        gqa = (self.heads != self.groups and q.is_cuda and attention_mask is None
+               and q.dtype in (torch.float16, torch.bfloat16))
         if self.heads != self.groups and not gqa:
             k = k.repeat_interleave(self.heads // self.groups, dim=1)
             v = v.repeat_interleave(self.heads // self.groups, dim=1)

@@ -57,7 +57,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 _compiled_rms_norm = torch.compile(_rms_norm, dynamic=True)
 # Each compiled function keeps one graph per grad mode (training, no_grad, inference) and per
 # 1-vs-more rows; past torch's default of 8 it would silently fall back to eager.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+RECOMPILE_LIMIT = 64
 
 
 class CompiledRMSNorm(torch.nn.RMSNorm):
@@ -90,8 +90,9 @@ _compiled_rope_bshd = None
 
 def _rope(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
     """RoPE for megatron-core's attention: the compiled kernel for models built with compiled
-    kernels, else `_eager_rope`; packed (thd) or multi-latent inputs go to megatron-core's own."""
-    if cu_seqlens is not None or config.multi_latent_attention:
+    kernels, else `_eager_rope`; packed (thd) or multi-latent inputs, and configs that ask for
+    Transformer Engine's fused RoPE, go to megatron-core's own."""
+    if cu_seqlens is not None or config.multi_latent_attention or config.apply_rope_fusion:
         return _megatron_rope(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
     if not getattr(config, "compiled_rope", False):
         return _eager_rope(t, freqs, config.rotary_interleaved, mscale)
@@ -126,15 +127,17 @@ _cos_sin_cached: tuple = ()  # (freqs, dtype, mscale, inference mode, cos, sin) 
 def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype, mscale: float) -> tuple[torch.Tensor, torch.Tensor]:
     global _cos_sin_cached
     key = (dtype, mscale, torch.is_inference_mode_enabled())  # inference tensors cannot enter autograd
-    if not _cos_sin_cached or _cos_sin_cached[0] is not freqs or _cos_sin_cached[1:4] != key:
-        cos, sin = (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
-        _cos_sin_cached = (freqs, *key, cos, sin)
-    return _cos_sin_cached[4], _cos_sin_cached[5]
+    cached = _cos_sin_cached
+    if not cached or cached[0] is not freqs or cached[1:4] != key:
+        cached = (freqs, *key, (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
+        _cos_sin_cached = cached
+    return cached[4], cached[5]
 
 
 def compile_layer_spec(spec, config) -> None:
     """Switch a local GPT layer spec (and its config) to the compiled kernels, in place."""
     config.bias_activation_fusion = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     config.compiled_rope = True  # read by `_rope`
     spec.submodules.input_layernorm = CompiledRMSNorm
     spec.submodules.pre_mlp_layernorm = CompiledRMSNorm
