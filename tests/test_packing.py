@@ -310,3 +310,25 @@ def test_memory_plan_per_token_matches_what_the_h100_measured():
                               (per_token(4096, 12288, 36, 32, torch.bfloat16), 8.95e6),
                               (per_token(1024, 3072, 28, 16, torch.float32), 4.05e6)):
         assert abs(planned / measured - 1) < 0.1, (planned, measured)
+
+
+def test_micro_batch_plan_shrinks_with_the_memory_free_now():
+    """Adapters, snapshots and K/V caches take memory after start-up: a step is planned within the
+    share of the memory free now when that is less than the start-up plan, never more than it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from backends.miles.backend import LOGITS_BYTES, MilesBackend, activation_bytes_per_token
+
+    cfg = SimpleNamespace(hidden_size=64, ffn_hidden_size=192, num_attention_heads=4, kv_channels=16,
+                          params_dtype=torch.float32, tensor_model_parallel_size=1)
+    vocab = 151936  # the floor of 2**27 logits is then 883 tokens, under every plan below
+    base = SimpleNamespace(local_vocab=vocab, model=SimpleNamespace(config=cfg, decoder=SimpleNamespace(layers=[0, 0])))
+    per_token = vocab * LOGITS_BYTES + activation_bytes_per_token(base.model, "none", torch.float32)
+    backend = MilesBackend.__new__(MilesBackend)
+    backend.device, backend.recompute, backend.lora_dtype = torch.device("cpu"), "none", torch.float32
+    backend.memory_share, backend.micro_batch_bytes = 0.5, 4000 * per_token
+    for free_now, tokens in ((100_000 * per_token, 4000), (8000 * per_token, 4000), (2000 * per_token, 1000)):
+        backend._free_now = lambda free_now=free_now: free_now
+        assert backend._token_budget(base) == tokens

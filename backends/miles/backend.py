@@ -49,10 +49,13 @@ log = logging.getLogger("tinkercloud.miles")
 # drop, handlers.state.SnapshotUsage; this cap only matters for a server that names none).
 MAX_LOADED_SNAPSHOTS = 64
 MAX_SAVED_SNAPSHOTS = 256
-# Of the memory free at start-up, what one micro-batch may plan to take: a GPU is the worker's own
-# (what else it holds, sampling K/V caches and adapters, is checked before an operation runs beside
-# a sampling batch); a CPU worker shares the machine's RAM with its other workers and processes.
+# Of the memory free (at start-up, and when a step is planned: the less of the two), what one
+# micro-batch may plan to take: a GPU is the worker's own; a CPU worker shares the machine's RAM
+# with its other workers and processes.
 MICROBATCH_MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
+# What must be free beside a running sampling batch, as a share of the memory free at start-up,
+# before an operation runs between its decode steps (it then plans within what is free).
+ROOM_MEMORY_SHARE = 0.25
 LOGITS_BYTES = 12  # per logit entry: fp32 logits, their log-softmax and its gradient
 MIN_MICROBATCH_LOGITS = 1 << 27  # never fewer logits (rows x width x local vocab) per micro-batch
 
@@ -115,8 +118,10 @@ class MilesBackend(TrainingBackend):
         self.loaded: OrderedDict[str, _Base] = OrderedDict()
         self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
         # Every rank must cut a batch into the same micro-batches: plan from the least free memory.
-        self.micro_batch_bytes = int(least_over_ranks(free_memory(self.device), self.device)
-                                     * MICROBATCH_MEMORY_SHARE.get(self.device.type, MICROBATCH_MEMORY_SHARE["cpu"]))
+        self.memory_share = MICROBATCH_MEMORY_SHARE.get(self.device.type, MICROBATCH_MEMORY_SHARE["cpu"])
+        free_at_start = least_over_ranks(free_memory(self.device), self.device)
+        self.micro_batch_bytes = int(free_at_start * self.memory_share)
+        self.room_bytes = int(free_at_start * ROOM_MEMORY_SHARE)
         self.recompute = spec.recompute
         # Snapshot -> requests of the running sampling batch that use it and have not finished yet:
         # counted when they join, let go when their rows are done (`_let_go`).
@@ -214,15 +219,19 @@ class MilesBackend(TrainingBackend):
         return micro
 
     def _token_budget(self, base: _Base) -> int:
-        """Tokens per micro-batch: what fits in `micro_batch_bytes` at the logits' and the
-        activations' cost per token, and at least MIN_MICROBATCH_LOGITS logits' worth. The
+        """Tokens per micro-batch: what fits in `micro_batch_bytes`, or in the share of what is
+        free now if that is less (adapters, sampler snapshots and K/V caches take memory after
+        start-up; the least over ranks, so every rank cuts the same micro-batches), at the logits'
+        and the activations' cost per token, and at least MIN_MICROBATCH_LOGITS logits' worth. The
         environment variable TINKERCLOUD_MICROBATCH_LOGITS fixes the logits per micro-batch."""
         fixed = os.environ.get("TINKERCLOUD_MICROBATCH_LOGITS")
         if fixed:
             return max(1, int(fixed) // base.local_vocab)
         per_token = base.local_vocab * LOGITS_BYTES + activation_bytes_per_token(base.model, self.recompute,
                                                                                   self.lora_dtype)
-        return max(MIN_MICROBATCH_LOGITS // base.local_vocab, self.micro_batch_bytes // per_token)
+        free_now = least_over_ranks(self._free_now(), self.device)
+        plan_bytes = min(self.micro_batch_bytes, int(free_now * self.memory_share))
+        return max(MIN_MICROBATCH_LOGITS // base.local_vocab, plan_bytes // per_token)
 
     def optim_step(self, model_id, adam):
         return {"metrics": self._run(model_id).optimizer.step(adam)}
@@ -425,13 +434,18 @@ class MilesBackend(TrainingBackend):
         return results
 
     def room_beside_sampling(self) -> bool:
-        """One micro-batch's planned memory (`micro_batch_bytes`) is free on this rank beside the
-        running batch's KV caches (on a GPU, counting what torch's allocator holds unused). Each
-        rank asks its own; `SampleJoins` runs the operation only once all of them have room."""
+        """A quarter of the memory free at start-up (`room_bytes`) is free on this rank beside the
+        running batch's KV caches; the operation then plans its micro-batches within what is free
+        (`_token_budget`). Each rank asks its own; `SampleJoins` runs the operation only once all
+        of them have room."""
+        return self._free_now() >= self.room_bytes
+
+    def _free_now(self) -> int:
+        """Memory free on this rank now; on a GPU counting what torch's allocator holds unused."""
         free = free_memory(self.device)
         if self.device.type == "cuda":
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return free >= self.micro_batch_bytes
+        return free
 
     @contextlib.contextmanager
     def paused_sampling(self):
