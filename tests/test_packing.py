@@ -332,3 +332,31 @@ def test_micro_batch_plan_shrinks_with_the_memory_free_now():
     for free_now, tokens in ((100_000 * per_token, 4000), (8000 * per_token, 4000), (2000 * per_token, 1000)):
         backend._free_now = lambda free_now=free_now: free_now
         assert backend._token_budget(base) == tokens
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_packed_attention_mask_is_converted_once_with_sdpas_own_numbers(dtype_name):
+    """The block-diagonal bool mask becomes SDPA's additive float mask once per mask tensor
+    (shared by every layer of a forward pass): attention and its gradients are bit for bit those
+    of SDPA's own bool-mask path; a new mask, or inference mode, gets a new conversion."""
+    import torch
+    import torch.nn.functional as F
+
+    from backends.miles.attention import additive_mask
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(0)
+    masked = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    masked[6:, :6] = True  # two packed sequences of 6
+    mask = masked[None, None].expand(2, 1, 12, 12)
+    q, k, v = (torch.randn(2, 4, 12, 8, generator=generator).to(dtype).requires_grad_() for _ in range(3))
+    ours = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, dtype))
+    grads_ours = torch.autograd.grad(ours.sum(), (q, k, v))
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)
+    grads_theirs = torch.autograd.grad(theirs.sum(), (q, k, v))
+    assert torch.equal(ours, theirs) and all(torch.equal(a, b) for a, b in zip(grads_ours, grads_theirs))
+    assert additive_mask(mask, dtype) is additive_mask(mask, dtype)
+    assert additive_mask(mask.clone(), dtype) is not additive_mask(mask, dtype)
+    with torch.inference_mode():
+        inferred = additive_mask(mask, dtype)
+    assert inferred.is_inference() and not additive_mask(mask, dtype).is_inference()

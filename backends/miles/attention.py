@@ -8,7 +8,8 @@ mcore's own version materialises the [b, heads, s, s] scores and softmax in sepa
 
 `attention_mask` None means plain causal attention (`is_causal`, the fastest kernels);
 otherwise it is a bool mask broadcastable to [b, 1, s, s] with mcore's meaning (True =
-masked), e.g. the block-diagonal masks of packed rows. Dropout, sliding windows, softmax
+masked), e.g. the block-diagonal masks of packed rows, turned into SDPA's additive float mask
+once for all layers (`additive_mask`). Dropout, sliding windows, softmax
 variants and packed-sequence params are refused rather than silently ignored.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+
+from backends.miles.tensor_memo import TensorMemo
 
 
 class SdpaAttention(MegatronModule):
@@ -55,6 +58,18 @@ class SdpaAttention(MegatronModule):
             k = k.repeat_interleave(self.heads // self.groups, dim=1)
             v = v.repeat_interleave(self.heads // self.groups, dim=1)
         context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
+            q, k, v, attn_mask=None if attention_mask is None else additive_mask(attention_mask, q.dtype),
             is_causal=attention_mask is None, scale=self.scale, enable_gqa=gqa)  # [b, heads, s, d]
         return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
+_masks = TensorMemo()
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """mcore's bool mask (True = masked) as the additive float mask SDPA makes of a bool one (0
+    where attended, -inf where not), made once per mask tensor: a forward pass hands every layer
+    the same mask, so one conversion and one copy saved for backward serve all layers, where SDPA
+    converted (and autograd kept) one [rows, 1, s, s] float mask per layer."""
+    return _masks.get(mask, dtype, lambda: torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+                      .masked_fill_(mask, float("-inf")))

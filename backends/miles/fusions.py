@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from backends.miles.tensor_memo import TensorMemo
+
 KERNELS = ("eager", "compiled")
 
 
@@ -121,17 +123,14 @@ def _eager_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool, mscale:
     return torch.cat(((head * cos) + (_rotate_half(head, interleaved) * sin), rest), dim=-1)
 
 
-_cos_sin_cached: tuple = ()  # (freqs, dtype, mscale, inference mode, cos, sin) of the last call
+_cos_sin_tables = TensorMemo()
 
 
 def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype, mscale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    global _cos_sin_cached
-    key = (dtype, mscale, torch.is_inference_mode_enabled())  # inference tensors cannot enter autograd
-    cached = _cos_sin_cached
-    if not cached or cached[0] is not freqs or cached[1:4] != key:
-        cached = (freqs, *key, (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
-        _cos_sin_cached = cached
-    return cached[4], cached[5]
+    def make():
+        return (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
+
+    return _cos_sin_tables.get(freqs, (dtype, mscale), make)
 
 
 def compile_layer_spec(spec, config) -> None:
