@@ -286,54 +286,6 @@ if __name__ == "__main__":
     _worker(*sys.argv[1:])
 
 
-def test_memory_plan_per_token_matches_what_the_h100_measured():
-    """The micro-batch planner's bytes per token (logits + what backward keeps) for the Qwen3
-    shapes in bf16 against the H100's in-process peaks (BENCHMARKS.md, GPU results), less the
-    weights (8.19 G parameters of the 8B shape: 15.25 GiB; 0.6B: 1.4 GiB) and the adapter with
-    its gradient and Adam state (1.2 / 0.2 GiB): 8B, float32 LoRA products, 38.5 GiB at 2 x 1024
-    tokens -> 11.5 MB a token; 8B, bf16 products, 50.6 GiB at 4 x 1024 -> 8.95 MB; 0.6B, float32
-    products, 32.5 GiB at 8 x 1024 -> 4.05 MB. Within 10 %: a GPU's micro-batch may plan on half
-    its free memory."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from backends.miles.backend import LOGITS_BYTES, activation_bytes_per_token
-
-    def per_token(hidden, ffn, layers, heads, lora_dtype):
-        cfg = SimpleNamespace(hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads, kv_channels=128,
-                              params_dtype=torch.bfloat16, tensor_model_parallel_size=1)
-        model = SimpleNamespace(config=cfg, decoder=SimpleNamespace(layers=[None] * layers))
-        return 151936 * LOGITS_BYTES + activation_bytes_per_token(model, "none", lora_dtype)
-
-    for planned, measured in ((per_token(4096, 12288, 36, 32, torch.float32), 11.5e6),
-                              (per_token(4096, 12288, 36, 32, torch.bfloat16), 8.95e6),
-                              (per_token(1024, 3072, 28, 16, torch.float32), 4.05e6)):
-        assert abs(planned / measured - 1) < 0.1, (planned, measured)
-
-
-def test_micro_batch_plan_shrinks_with_the_memory_free_now():
-    """Adapters, snapshots and K/V caches take memory after start-up: a step is planned within the
-    share of the memory free now when that is less than the start-up plan, never more than it."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from backends.miles.backend import LOGITS_BYTES, MilesBackend, activation_bytes_per_token
-
-    cfg = SimpleNamespace(hidden_size=64, ffn_hidden_size=192, num_attention_heads=4, kv_channels=16,
-                          params_dtype=torch.float32, tensor_model_parallel_size=1)
-    vocab = 151936  # the floor of 2**27 logits is then 883 tokens, under every plan below
-    base = SimpleNamespace(local_vocab=vocab, model=SimpleNamespace(config=cfg, decoder=SimpleNamespace(layers=[0, 0])))
-    per_token = vocab * LOGITS_BYTES + activation_bytes_per_token(base.model, "none", torch.float32)
-    backend = MilesBackend.__new__(MilesBackend)
-    backend.device, backend.recompute, backend.lora_dtype = torch.device("cpu"), "none", torch.float32
-    backend.memory_share, backend.micro_batch_bytes = 0.5, 4000 * per_token
-    for free_now, tokens in ((100_000 * per_token, 4000), (8000 * per_token, 4000), (2000 * per_token, 1000)):
-        backend._free_now = lambda free_now=free_now: free_now
-        assert backend._token_budget(base) == tokens
-
-
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_packed_attention_mask_is_converted_once_with_sdpas_own_numbers(dtype_name):
     """The block-diagonal bool mask becomes SDPA's additive float mask once per mask tensor
