@@ -101,8 +101,8 @@ class MilesBackend(TrainingBackend):
             raise RuntimeError(f"rank {dist.get_rank()}: megatron-core's groups differ from the server's layout "
                                f"(replica {dp_rank()} = ranks {mine}, led by the first)")
         dtype = _weights_dtype(spec.dtype, self.device)
-        lora_dtype = dtype if spec.lora_compute == "base" else torch.float32  # factors stay float32 either way
-        self.lora_dtype = lora_dtype
+        # factors stay float32 either way
+        self.lora_dtype = lora_dtype = dtype if spec.lora_compute == "base" else torch.float32
         if is_global_rank_0():
             log.info("base weights in %s, LoRA products in %s", dtype, lora_dtype)
         self.bases: dict[str, _Base] = {}
@@ -381,17 +381,21 @@ class MilesBackend(TrainingBackend):
         if self._in_use[key] <= 0:
             del self._in_use[key]
             base = self._drop_when_unused.pop(key, None)
-            if base is not None and not self._has_snapshot(key):  # unless read back into a pool since
-                base.lora.remove_adapter(key)
+            if base is not None:
+                self._drop_unless_pooled(key, base)
 
     def _sampling_batch_ended(self) -> None:
         """Every request of the batch is done (some may not have said so: a failure, or a batch of
         several base models): what is still counted in use is not."""
         self._in_use.clear()
         for key, base in self._drop_when_unused.items():
-            if not self._has_snapshot(key):  # unless read back into a pool since
-                base.lora.remove_adapter(key)
+            self._drop_unless_pooled(key, base)
         self._drop_when_unused.clear()
+
+    def _drop_unless_pooled(self, key: str, base: _Base) -> None:
+        """Remove a forgotten snapshot's factors, unless it was read back into a pool since."""
+        if not self._has_snapshot(key):
+            base.lora.remove_adapter(key)
 
     def _remember_saved(self, key: str, base: _Base) -> None:
         """Keep the snapshot save_for_sampler made. Only this operation, which every rank runs,
