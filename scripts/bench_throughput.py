@@ -539,7 +539,8 @@ def _profile_train_step(model, lora, optimizer, wl: Workload, device, path: str)
         from torch.autograd import DeviceType
 
         kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
-        busy_ms = sum(e.self_device_time_total for e in averages) / 1000
+        # device rows only, as the table's own total: operator rows repeat their kernels' time
+        busy_ms = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1000
         head += f", device busy {busy_ms:.1f} ms, {kernels} device kernels/copies"
     Path(path).write_text(head + "\n" + averages.table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
 
