@@ -2,10 +2,10 @@
 
 The server sends a `WorkItem` (an operation name and its arguments: plain Python values
 and numpy arrays) to every rank, and rank 0 answers with one `WorkResult`; or, for sampling, to
-the ranks of one data-parallel replica, whose leader answers. Arrays travel through
-shared memory (see `shm_queue`). Workers raise `UserError` for mistakes in the caller's
+the ranks of one data-parallel replica, whose leader answers. Large arrays travel through
+shared memory, small ones inside the message (see `shm_queue`). Workers raise `UserError` for mistakes in the caller's
 input; anything else is reported as a server error. Each result carries a `Transport` record:
-what the round trip moved through shared memory and when rank 0 ran it.
+the array bytes the round trip carried and when rank 0 ran it.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ class Transport:
     (`perf_counter` and `monotonic` have an undefined reference point: only differences within
     one process are meaningful by their documentation)."""
 
-    request_bytes: int = 0  # server: tensor bytes put into shared memory for the request, all ranks together
-    result_bytes: int = 0  # rank 0: tensor bytes of its result
+    request_bytes: int = 0  # server: array bytes the request carried to its ranks, all together (engine.shm_queue)
+    result_bytes: int = 0  # rank 0: array bytes of its result
     enqueued_at: float = 0.0  # server: put on the ranks' queues
     started_at: float = 0.0  # rank 0: began running it (0: it never ran)
     finished_at: float = 0.0  # rank 0: done running it

@@ -1,7 +1,7 @@
 """What work items cost on their way through the engine, per operation.
 
 `TransportMetrics` keeps, per operation: work items, the API requests they carried, failures,
-tensor bytes through shared memory both ways, and the latency of each request in stages, from
+array bytes carried both ways (shared memory or inline, `engine.shm_queue`), and the latency of each request in stages, from
 its arrival at its HTTP handler to its future being stored. All stamps are `time.time()` (see
 `engine.messages.Transport`): one clock for every process of the machine. Served read-only by
 `GET /api/v1/metrics` (`handlers/metrics.py`).
@@ -58,8 +58,8 @@ class _OpMetrics:
     joined_items: int = 0  # sampling items that joined a sampling batch already running
     interleaved_items: int = 0  # other items that ran between two decode steps of a sampling batch
     replica_items: dict[int, int] = field(default_factory=dict)  # sampling: items each data-parallel replica ran
-    request_bytes: int = 0  # tensor bytes put into shared memory for the requests, all ranks together
-    result_bytes: int = 0  # tensor bytes of the results
+    request_bytes: int = 0  # array bytes the requests carried to the workers (shared memory or inline), all ranks
+    result_bytes: int = 0  # array bytes of the results
     timed: int = 0  # requests with latencies (rank 0 ran their item)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))  # all-time sums
     recent: dict[str, deque] = field(default_factory=lambda: {name: deque(maxlen=METRICS_WINDOW) for name in STAGES})

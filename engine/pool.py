@@ -5,7 +5,7 @@ MASTER_PORT set for each, as torchrun would; CPU workers share the cores by LOCA
 `submit()` puts a `WorkItem` on every rank's shared-memory queue (a sampling item: on those of
 its data-parallel replica) and returns an asyncio future for rank 0's (the replica leader's)
 `WorkResult`, whose `transport` record the pool completes with the
-request's shared-memory bytes and the time it was queued (rank 0 stamped the rest). A
+request's array bytes and the time it was queued (rank 0 stamped the rest). A
 reader thread hands results to the event loop; a watcher thread notices a rank that dies,
 fails everything in flight with a clear server error and marks the pool unhealthy. The
 event loop never waits on a worker.

@@ -1,62 +1,96 @@
 """Shared-memory transport between the server process and the worker processes.
 
-A `ShmQueue` is a multiprocessing queue whose pickler moves tensor storage into shared
-memory (torch.multiprocessing's reductions): only a small handle goes through the pipe,
-the bytes are mapped, not copied, by the receiver. numpy arrays in a message are turned
-into tensors on the way in; the server's end turns tensors back into arrays, while workers
-keep them as tensors. `put` says how many tensor bytes a message moved into shared memory.
+A `ShmQueue` is a multiprocessing queue for messages that carry arrays. Large arrays (at least
+SHM_MIN_BYTES) travel as tensors whose storage its pickler moves into shared memory
+(torch.multiprocessing's reductions): only a handle goes through the pipe, and the receiver maps
+the bytes instead of copying them. Small ones travel inside the pickled message: a shared-memory
+segment costs a file descriptor that the receiver fetches from the sender with a round trip
+(about 0.25 ms each, several ms for a batch of small prompts or datums on a busy machine), where
+pickling a few KB costs microseconds. The server's end hands out numpy arrays, the workers' end
+tensors, whichever way they came. `put` says how many array bytes a message carried.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.multiprocessing as tmp
 
 CONTEXT = tmp.get_context("spawn")
+SHM_MIN_BYTES = 1 << 16  # smaller arrays are pickled into the message itself
+
+
+def _map_arrays(obj: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`obj` with `leaf` applied to every numpy array and tensor in it (dicts, lists, tuples and
+    dataclasses are rebuilt; anything else is kept)."""
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return leaf(obj)
+    if isinstance(obj, dict):
+        return {k: _map_arrays(v, leaf) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_arrays(v, leaf) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _map_arrays(getattr(obj, f.name), leaf)
+                                           for f in dataclasses.fields(obj)})
+    return obj
+
+
+def _nbytes(a: np.ndarray | torch.Tensor) -> int:
+    return a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()
+
+
+def _for_the_pipe(a: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """A large array as a tensor (to shared memory), a small one as a numpy array of its own (inline).
+    Tensors numpy cannot hold (bfloat16) stay tensors."""
+    if _nbytes(a) >= SHM_MIN_BYTES:
+        return torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+    if isinstance(a, torch.Tensor):
+        try:
+            return a.detach().cpu().numpy().copy()
+        except TypeError:  # no numpy dtype for it
+            return a
+    return a
 
 
 def to_shared(obj: Any) -> Any:
-    """numpy arrays -> tensors (which the queue moves to shared memory), recursively."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, dict):
-        return {k: to_shared(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_shared(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: to_shared(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-    return obj
+    """`obj` ready for the queue: large arrays as tensors (the queue moves them to shared memory),
+    small ones as numpy arrays (pickled into the message)."""
+    return _map_arrays(obj, _for_the_pipe)
 
 
-def from_shared(obj: Any) -> Any:
-    """Tensors -> numpy arrays (copied out of the shared segment), recursively."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy().copy()
-    if isinstance(obj, dict):
-        return {k: from_shared(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(from_shared(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: from_shared(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-    return obj
+def as_numpy(obj: Any) -> Any:
+    """Every array in `obj` as numpy (tensors copied out of their shared segment)."""
+    return _map_arrays(obj, lambda a: a.detach().cpu().numpy().copy() if isinstance(a, torch.Tensor) else a)
+
+
+def _as_tensor(a: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    try:
+        return torch.from_numpy(a)
+    except TypeError:  # a dtype torch has no tensor for (object, ...): left to the operation to refuse
+        return a
+
+
+def as_tensors(obj: Any) -> Any:
+    """Every array in `obj` as a tensor (numpy arrays wrapped, not copied), where torch has its dtype."""
+    return _map_arrays(obj, _as_tensor)
 
 
 def tensor_bytes(obj: Any) -> int:
-    """The bytes of every numpy array and tensor in `obj` (what travels through shared memory)."""
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    return 0
+    """The bytes of every numpy array and tensor in `obj` (what a message carries besides its
+    small Python values)."""
+    total = 0
+
+    def count(a):
+        nonlocal total
+        total += _nbytes(a)
+        return a
+
+    _map_arrays(obj, count)
+    return total
 
 
 def raise_open_file_limit() -> None:
@@ -69,23 +103,22 @@ def raise_open_file_limit() -> None:
 
 
 class ShmQueue:
-    """One-way message queue; tensors inside messages travel through shared memory."""
+    """One-way message queue; large arrays inside messages travel through shared memory."""
 
     def __init__(self, numpy_out: bool) -> None:
         self._q = CONTEXT.Queue()
         self.numpy_out = numpy_out  # True for the server's end: hand out numpy, not tensors
 
     def put(self, msg: Any) -> int:
-        """Queue `msg`; returns the tensor bytes it moves into shared memory (the copy itself
-        happens on the queue's feeder thread, when the message is pickled)."""
-        shared = to_shared(msg)
-        self._q.put(shared)
-        return tensor_bytes(shared)
+        """Queue `msg`; returns the array bytes it carries (moved into shared memory or pickled
+        on the queue's feeder thread, not here)."""
+        ready = to_shared(msg)
+        self._q.put(ready)
+        return tensor_bytes(ready)
 
     def get(self, timeout: float | None = None) -> Any:
         with torch.inference_mode(False):  # see get_nowait
-            msg = self._q.get(timeout=timeout)
-        return from_shared(msg) if self.numpy_out else msg
+            return self._received(self._q.get(timeout=timeout))
 
     def get_nowait(self) -> Any:
         """The next message if one is already here, else `queue.Empty`. Its tensors are ordinary
@@ -93,8 +126,10 @@ class ShmQueue:
         during a sampling batch between its decode steps): a training item's tensors made there
         would be inference tensors, which autograd refuses to save for backward."""
         with torch.inference_mode(False):
-            msg = self._q.get_nowait()
-        return from_shared(msg) if self.numpy_out else msg
+            return self._received(self._q.get_nowait())
+
+    def _received(self, msg: Any) -> Any:
+        return as_numpy(msg) if self.numpy_out else as_tensors(msg)
 
     def close(self) -> None:
         self._q.close()

@@ -14,8 +14,8 @@ One invocation measures, for one base model and one fixed workload (LoRA SFT ste
   `queue+IPC` = the first (long-polled) `retrieve_future` minus the download minus compute:
   scheduling, the shared-memory hop to the worker and back, result encoding, the futures store;
 - the server's own transport numbers (TinkerCloud's `GET /api/v1/metrics`, read before and
-  after the timed train steps and sampling rounds): tensor bytes copied into shared memory per
-  train step / sampling round, both ways; work items per phase (requests that arrive together
+  after the timed train steps and sampling rounds): array bytes carried per train step /
+  sampling round, both ways (large arrays through shared memory, small ones inline); work items per phase (requests that arrive together
   go as one item; items that arrive while a sampling batch runs join it, and are counted); and
   the mean of each latency stage per
   request, from arrival at the HTTP handler to the worker's start, its compute and the stored
@@ -328,7 +328,7 @@ def server_metrics(url: str, api_key: str) -> dict | None:
 
 
 def transport_phase(before: dict | None, after: dict | None, ops: tuple[str, ...], units: int) -> dict | None:
-    """What moved between two readings of the metrics: shared-memory bytes per unit (a train step,
+    """What moved between two readings of the metrics: array bytes per unit (a train step,
     a sampling round) both ways, and per operation its work items, requests and the mean ms of
     each latency stage over the requests of the phase."""
     if before is None or after is None:
@@ -633,7 +633,7 @@ def transport_table(server: dict) -> list[str]:
             lines.append(f"  {op:26}{o['items']:>6}{per_item:>9}{cell(m['arrival_to_enqueued']):>9}"
                          f"{cell(m['enqueued_to_start']):>11}{cell(m['compute']):>9}{cell(m['end_to_stored']):>12}"
                          f"{cell(m['arrival_to_start']):>11}")
-        lines.append(f"  shared memory per {unit}: {t['request_bytes_per_unit']:.0f} B to the workers, "
+        lines.append(f"  array bytes per {unit}: {t['request_bytes_per_unit']:.0f} B to the workers, "
                      f"{t['result_bytes_per_unit']:.0f} B back")
         joined = sum(o.get("joined", 0) for o in t["ops"].values())
         if joined:
