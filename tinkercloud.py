@@ -102,7 +102,8 @@ def create_app(config: Config) -> web.Application:
             await pool.start()
             infos = {name: {**info, "tokenizer_id": tokenizer_id(name, info["path"])}
                      for name, info in pool.models.items()}
-            scheduler = Scheduler(pool, futures, config.max_sample_batch_rows, replicas=dims.dp)
+            scheduler = Scheduler(pool, futures, config.max_sample_batch_rows, replicas=dims.dp,
+                                  gather_s=config.sample_gather_ms / 1000)
             st = ServerState(config, pool, futures, scheduler,
                              Registry(config.data_dir), infos)
             app[STATE] = st

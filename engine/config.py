@@ -50,6 +50,9 @@ class Config:
     # while a sampling batch decodes, the share of the worker's time the operations that arrive
     # meanwhile (training, checkpoints) may take between its decode steps; 0: they wait for its end
     interleave_share: float = 0.5
+    # while a replica is idle, a burst of sampling requests is gathered until none has come for this
+    # long (at most 5x), so its prompts are prefilled together; 0: each event-loop turn's go at once
+    sample_gather_ms: float = 2.0
     long_poll_seconds: float = 30.0
     session_timeout_seconds: float = 300.0  # no heartbeat for this long: the session's runs are unloaded
     max_sample_batch_rows: int = 64
@@ -71,6 +74,8 @@ class Config:
             raise ValueError(f"TINKERCLOUD_KERNELS must be one of {KERNELS}, got {self.kernels!r}")
         if not 0.0 <= self.interleave_share <= 1.0:
             raise ValueError(f"TINKERCLOUD_INTERLEAVE_SHARE must be between 0 and 1, got {self.interleave_share}")
+        if not 0.0 <= self.sample_gather_ms <= 1000.0:
+            raise ValueError(f"TINKERCLOUD_SAMPLE_GATHER_MS must be between 0 and 1000, got {self.sample_gather_ms}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"TINKERCLOUD_RECOMPUTE must be one of {RECOMPUTE}, got {self.recompute!r}")
         for key in self.api_keys:
@@ -107,6 +112,7 @@ class Config:
             "lora_compute": env.get("TINKERCLOUD_LORA_COMPUTE"),
             "kernels": env.get("TINKERCLOUD_KERNELS"),
             "interleave_share": env.get("TINKERCLOUD_INTERLEAVE_SHARE"),
+            "sample_gather_ms": env.get("TINKERCLOUD_SAMPLE_GATHER_MS"),
             "session_timeout_seconds": env.get("TINKERCLOUD_SESSION_TIMEOUT"),
             "models": env.get("TINKERCLOUD_MODELS") or env.get("SUPPORTED_MODELS"),
             "allow_partial_batches": env.get("ALLOW_PARTIAL_BATCHES"),
@@ -141,6 +147,9 @@ class Config:
         p.add_argument("--interleave-share", type=float,
                        help="while a sampling batch decodes, the share of the worker's time other operations may "
                             "take between its decode steps (0..1, default 0.5; 0: they wait for the batch to end)")
+        p.add_argument("--sample-gather-ms", type=float,
+                       help="while a replica is idle, gather a burst of sampling requests until none has come for "
+                            "this many milliseconds (at most 5x as long; default 2; 0: no gathering)")
         p.add_argument("--model", action="append", metavar="NAME=PATH|ORG/NAME[@REV]",
                        help="serve an HF checkpoint dir, or a hub model from the local HF cache (repeatable)")
         p.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
@@ -151,6 +160,7 @@ class Config:
             "host": a.host, "port": a.port, "backend": a.backend, "data_dir": a.data_dir,
             "workers": a.workers, "tp": a.tp, "pp": a.pp, "dtype": a.dtype, "recompute": a.recompute,
             "lora_compute": a.lora_compute, "kernels": a.kernels, "interleave_share": a.interleave_share,
+            "sample_gather_ms": a.sample_gather_ms,
             "models": ",".join(a.model) if a.model else None,
             "api_keys": ",".join(a.api_key) if a.api_key else None,
         }
@@ -202,7 +212,7 @@ def _coerce(raw: dict) -> dict:
             value = tuple(k.strip() for k in (value.split(",") if isinstance(value, str) else value) if k.strip())
         elif key in ("port", "workers", "tp", "pp", "max_sample_batch_rows"):
             value = int(value)
-        elif key in ("long_poll_seconds", "session_timeout_seconds", "interleave_share"):
+        elif key in ("long_poll_seconds", "session_timeout_seconds", "interleave_share", "sample_gather_ms"):
             value = float(value)
         elif key == "allow_partial_batches" and isinstance(value, str):
             value = value.lower() in ("1", "true", "yes", "on")

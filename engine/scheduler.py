@@ -6,11 +6,14 @@
 - Everything else runs as soon as it arrives (the pool's queues are FIFO).
 - Sampling requests go to one data-parallel replica each (`WorkItem.replica`: its ranks alone
   run them), the one `engine.replica_router` picks: the least loaded, unless one holds most of
-  the prompt in its prefix cache. Requests handled in the same
-  event-loop turn (a burst) are spread over the replicas that way and go as one item per
-  replica, one turn after the first of them arrived; an item that reaches a replica already
-  sampling joins its running batch between decode steps (continuous batching, see
-  `engine.sample_joins`).
+  the prompt in its prefix cache. A burst of requests is spread over the replicas that way and
+  goes as one item per replica. While some replica is idle, a burst is gathered first: it is sent
+  once no new request has come for `gather_s` (2 ms by default), and at the latest
+  GATHER_LIMIT × `gather_s` after its first request, so that its prompts are prefilled together
+  (the SDK's requests of one `asyncio.gather` reach the server a millisecond or so apart). When
+  every replica is sampling, requests go at the next event-loop turn: an item that reaches a
+  replica already sampling joins its running batch between decode steps (continuous batching,
+  see `engine.sample_joins`).
 Results are encoded by the caller-supplied `encode` function and stored as futures.
 
 Each finished work item is recorded in `engine.metrics.TransportMetrics` (bytes, latency
@@ -34,6 +37,7 @@ from engine.replica_router import ReplicaRouter
 log = logging.getLogger("tinkercloud.scheduler")
 
 RETRY_WINDOW = 1024  # how many already-run seq_ids per model are remembered for retries
+GATHER_LIMIT = 5  # a sampling burst is gathered for at most this many times the quiet gap
 
 # When the HTTP request being handled reached its handler (time.time()); None outside a request.
 ARRIVED_AT: ContextVar[float | None] = ContextVar("tinkercloud_arrived_at", default=None)
@@ -65,14 +69,17 @@ class _ModelLane:
 
 
 class Scheduler:
-    def __init__(self, pool: WorkerPool, futures: FutureStore, max_sample_rows: int = 64, replicas: int = 1) -> None:
+    def __init__(self, pool: WorkerPool, futures: FutureStore, max_sample_rows: int = 64, replicas: int = 1,
+                 gather_s: float = 0.0) -> None:
         self.pool = pool
         self.futures = futures
         self.max_sample_rows = max_sample_rows
         self._lanes: dict[str, _ModelLane] = {}
         self._samples: list[tuple[_Job, int]] = []  # (job, rows) waiting for the next turn
         self.router = ReplicaRouter(replicas)  # which data-parallel replica samples each request
-        self._sampling_soon = False  # waiting samples go on the next event-loop turn
+        self.gather_s = gather_s  # quiet gap that ends a sampling burst while some replica is idle
+        self._sampling_at: asyncio.TimerHandle | None = None  # when the waiting samples go
+        self._burst_began = 0.0  # loop time of the first waiting sample
         self.metrics = TransportMetrics()
 
     # ---- submission ----------------------------------------------------------------------
@@ -105,10 +112,18 @@ class Scheduler:
     def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder) -> str:
         job = self._new_job("sample", args, encode)
         self._samples.append((job, rows))
-        if not self._sampling_soon:
-            # Not at once: requests of a burst that are being handled in this loop turn go along.
-            self._sampling_soon = True
-            asyncio.get_running_loop().call_soon(self._start_sampling)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if len(self._samples) == 1:
+            self._burst_began = now
+        # Never at once: requests of a burst handled in this loop turn go along. Gathered only
+        # while a replica is idle: one that is sampling takes new rows at its next decode step.
+        wait = 0.0
+        if self.gather_s > 0 and min(self.router.rows) == 0:
+            wait = max(0.0, min(self.gather_s, self._burst_began + GATHER_LIMIT * self.gather_s - now))
+        if self._sampling_at is not None:
+            self._sampling_at.cancel()
+        self._sampling_at = loop.call_at(now + wait, self._start_sampling)
         return job.request_id
 
     def accepted(self, model_id: str, seq_id: int) -> str | None:
@@ -155,7 +170,7 @@ class Scheduler:
     def _start_sampling(self) -> None:
         """Each waiting request (in arrival order) to the replica the router picks; one item per
         replica, or more where one would exceed `max_sample_rows`."""
-        self._sampling_soon = False
+        self._sampling_at = None
         batches: dict[int, list[tuple[list[_Job], int]]] = {}  # replica -> its (jobs, rows) items
         for job, n in self._samples:
             adapter = job.args.get("adapter") or {}

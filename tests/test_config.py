@@ -26,11 +26,14 @@ def test_flags_override_environment_which_overrides_yaml(tmp_path, monkeypatch):
     monkeypatch.setenv("TINKERCLOUD_LORA_COMPUTE", "base")
     monkeypatch.setenv("TINKERCLOUD_INTERLEAVE_SHARE", "0.25")
     monkeypatch.setenv("TINKERCLOUD_KERNELS", "eager")
+    monkeypatch.setenv("TINKERCLOUD_SAMPLE_GATHER_MS", "5")
     cfg = Config.from_args(["--config", str(yaml_file), "--workers", "3", "--model", "m=/p"])
     assert (cfg.port, cfg.workers, cfg.data_dir, cfg.lora_compute) == (7001, 3, "/d", "base")
     assert cfg.interleave_share == 0.25 and Config().interleave_share == 0.5
     assert Config.from_args(["--lora-compute", "float32"]).lora_compute == "float32"
     assert Config.from_args(["--interleave-share", "1"]).interleave_share == 1.0
+    assert (cfg.sample_gather_ms, Config.from_args(["--sample-gather-ms", "0"]).sample_gather_ms) == (5.0, 0.0)
+    assert Config().sample_gather_ms == 2.0
     assert (cfg.kernels, Config.from_args(["--kernels", "compiled"]).kernels, Config().kernels) == \
         ("eager", "compiled", "eager")
     assert cfg.futures_path == "/d/futures" and cfg.models == (ServedModel("m", "/p"),)
@@ -47,6 +50,8 @@ def test_bad_configuration_is_refused_with_a_reason(tmp_path):
         Config(kernels="fast")
     with pytest.raises(ValueError, match="TINKERCLOUD_INTERLEAVE_SHARE must be between 0 and 1"):
         Config(interleave_share=1.5)
+    with pytest.raises(ValueError, match="TINKERCLOUD_SAMPLE_GATHER_MS"):
+        Config(sample_gather_ms=-1)
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("prot: 7000\n")
     with pytest.raises(ValueError, match="unknown config field 'prot'"):

@@ -1,13 +1,15 @@
 """Transport metrics through the real server: GET /api/v1/metrics after real SDK work, its
-auth, and sampling requests that arrive together running as one batch on the workers."""
+auth, and sampling requests that arrive together (or one after another, gathered) running as
+one batch on the workers."""
 from __future__ import annotations
 
 import http.client
 import json
 
+import pytest
 from tinker import types
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, ServerProcess
 from tests.helpers import RawClient, post_in_one_turn, sft_datum
 
 QWEN = "tiny-qwen3"
@@ -95,3 +97,32 @@ def test_sample_requests_that_arrive_together_run_as_one_batch(server):
     assert _delta(after, before, "sample", "requests") == 8
     assert _delta(after, before, "sample", "items") == 1  # one batch, not 1 + 7
     assert _delta(after["sample"]["replica_items"], before.get("sample", {}).get("replica_items", {}), "0", None) == 1
+
+
+@pytest.fixture(scope="module")
+def gathering_server(tiny_models, tmp_path_factory):
+    """A server that gathers a sampling burst until no request has come for 100 ms (at most 0.5 s),
+    wide enough that the SDK's requests of one burst are never 100 ms apart, even on a busy machine."""
+    srv = ServerProcess(tmp_path_factory.mktemp("gathering"), {QWEN: tiny_models[QWEN]},
+                        extra_args=("--sample-gather-ms", "100")).start()
+    yield srv
+    srv.stop()
+
+
+def test_a_burst_sent_request_by_request_is_gathered_into_one_batch(gathering_server):
+    """The SDK sends the requests of a burst one after another (a millisecond or so apart): an idle
+    sampler gathers them and prefills them together, with the same samples as one at a time."""
+    import tinker
+
+    service = tinker.ServiceClient(base_url=gathering_server.url, api_key=API_KEY)
+    sampler = service.create_sampling_client(base_model=QWEN).result()
+    prompts = [types.ModelInput.from_ints([11, 12, 13 + i]) for i in range(8)]
+    params = [types.SamplingParams(max_tokens=3, seed=i, stop=[]) for i in range(8)]
+    alone = [sampler.sample(p, 1, sp).result().sequences[0].tokens for p, sp in zip(prompts[:2], params[:2])]
+    before = _ops(gathering_server)
+    futures = [sampler.sample(p, 1, sp) for p, sp in zip(prompts, params)]
+    together = [f.result().sequences[0].tokens for f in futures]
+    after = _ops(gathering_server)
+    assert _delta(after, before, "sample", "requests") == 8
+    assert _delta(after, before, "sample", "items") == 1  # gathered, not 1 + 7 or one per request
+    assert together[:2] == alone  # seeded samples do not depend on their batch mates
