@@ -5,7 +5,9 @@ the next, more than most changes to the sampling path are worth. So this benchma
 TinkerCloud servers of this checkout at once (A and B, the same model, each with its own flags),
 gives each a sampler of the same freshly initialised LoRA adapter, and runs sampling rounds on
 them in the order A B B A A B B A ...: every pair of neighbouring rounds sees the same machine.
-While one server works the other waits idle (its worker blocks on its queue).
+While one server works the other waits idle (its worker blocks on its queue). With `--a-repo DIR`
+server A is the one of checkout DIR (say, a `git worktree` of an earlier commit): a before/after
+comparison of the whole server.
 
 A round is what `bench_throughput.py` times: `--sample-requests` concurrent `sample` calls of the
 real SDK (new random prompts each round, `temperature=1`, `stop=[]`, so every sample runs to
@@ -16,6 +18,7 @@ median of the per-pair ratios (each B round against the A round next to it).
     python scripts/bench_sampling_ab.py --b-args="--sample-gather-ms 0"      # embedded tiny model
     python scripts/bench_sampling_ab.py --model-dir /tmp/tiny-qwen3 --base-model skyrl-tiny \\
         --threads 2 --rounds 60 --a-args="--sample-gather-ms 0"
+    git worktree add /tmp/before HEAD~3 && python scripts/bench_sampling_ab.py --a-repo /tmp/before
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.bench_throughput import (SHAPES, Server, Workload, _resolved, default_name, machine,  # noqa: E402
+from scripts.bench_throughput import (ROOT, SHAPES, Server, Workload, _resolved, default_name, machine,  # noqa: E402
                                       make_shape)
 
 
@@ -77,7 +80,9 @@ def run(args: argparse.Namespace) -> dict:
     servers = {}
     try:
         for side in "AB":
-            servers[side] = Server(args.api_key, base_model, model_dir, 1, args.dtype, extra_args=tuple(flags[side]))
+            root = Path(args.a_repo) if side == "A" and args.a_repo else ROOT
+            servers[side] = Server(args.api_key, base_model, model_dir, 1, args.dtype, root=root,
+                                   extra_args=tuple(flags[side]))
             servers[side].start()
         samplers = {side: sampler_of(s.url, args.api_key, base_model, wl.rank) for side, s in servers.items()}
         for side in "AB":  # warm-up: one round each, not counted
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         "base_model": base_model, "dtype": args.dtype, "workload": {
             "sample_requests": wl.sample_requests, "num_samples": wl.num_samples, "prompt_tokens": wl.prompt_tokens,
             "sample_tokens": wl.sample_tokens, "rank": wl.rank},
-        "flags": {side: " ".join(f) for side, f in flags.items()},
+        "flags": {side: " ".join(f) for side, f in flags.items()}, "a_repo": args.a_repo,
         "A": summary(times["A"], tokens["A"]), "B": summary(times["B"], tokens["B"]),
         "b_over_a_median_round": round(statistics.median(times["B"]) / statistics.median(times["A"]), 3),
         "b_over_a_median_of_pairs": round(statistics.median(pairs), 3),
@@ -110,6 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--a-args", default="", help="extra tinkercloud.py flags of server A (one string)")
     p.add_argument("--b-args", default="", help="extra tinkercloud.py flags of server B (one string)")
+    p.add_argument("--a-repo", help="server A from this checkout instead of this one (B is always this one)")
     p.add_argument("--api-key", default="tml-bench-ab")
     p.add_argument("--shape", choices=sorted(SHAPES), default="embedded")
     p.add_argument("--model-dir", help="HF checkpoint dir of the base model (default: --shape)")
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{report['base_model']}: {args.sample_requests} requests x {args.num_samples} x {args.sample_tokens} tokens "
           f"per round, prompt {args.prompt_tokens}; {args.rounds} rounds A B B A ...")
     for side, r in (("A", a), ("B", b)):
-        print(f"  {side} [{report['flags'][side] or 'defaults'}]: median round {r['round_ms_median']} ms, "
+        where = f"{args.a_repo}: " if side == "A" and args.a_repo else ""
+        print(f"  {side} [{where}{report['flags'][side] or 'defaults'}]: median round {r['round_ms_median']} ms, "
               f"mean {r['round_ms_mean']} ms, {r['tokens_per_s']} tokens/s ({r['rounds']} rounds)")
     print(f"  B/A median round {report['b_over_a_median_round']}, median of pairs {report['b_over_a_median_of_pairs']}")
     print(f"  machine: {report['machine']}, OMP_NUM_THREADS {report['omp_num_threads']}; load "
