@@ -9,6 +9,7 @@ and the arithmetic, not GPU speed (BENCHMARKS.md).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,10 +58,17 @@ def _worker(out_path: str, model_dir: str, batch_path: str) -> None:
             "swiglu_fused": model.config.bias_activation_fusion,
             "compiled_rope_made": fusions._compiled_rope_bshd is not None,
         }
-    for kernels in ("eager", "compiled"):  # bf16 activations with float32 norm weights, as on a GPU
+    for kernels in ("eager", "compiled"):  # bf16 activations and norm weights, as on a GPU
         model = build_model(model_dir, device, torch.bfloat16, kernels=kernels)
-        with torch.no_grad():
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             results[f"{kernels}_bf16"] = token_logprobs(model, batch["tokens"], batch["targets"])
+            results[f"{kernels}_bf16_norm_dtypes"] = sorted({str(m.weight.dtype) for m in norms})
+            results[f"{kernels}_bf16_mismatch_warnings"] = sum("Mismatch dtype" in str(w.message) for w in caught)
+            for m in norms:  # the same values in float32, as megatron-core's norms would hold them
+                m.weight.data = m.weight.data.float()
+            results[f"{kernels}_bf16_float32_norms"] = token_logprobs(model, batch["tokens"], batch["targets"])
     torch.save(results, out_path)
     dist.destroy_process_group()
 
@@ -153,3 +161,17 @@ def test_eager_rope_is_megatrons_rope_bit_for_bit(dtype_name, interleaved, parti
         ours.backward(upstream)
         theirs.backward(upstream)
         assert torch.equal(ours_in.grad, theirs_in.grad)
+
+
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+def test_bf16_models_keep_norm_weights_in_bf16_with_the_same_logprobs(runs, kernels):
+    """Norm weights in the model's dtype let torch.rms_norm take its fused kernel (no dtype
+    mismatch); torch computes in float32 and rounds once either way, so the logprobs are those
+    of the same weights held in float32, bit for bit."""
+    import torch
+
+    _, _, r = runs
+    assert r[f"{kernels}_bf16_norm_dtypes"] == ["torch.bfloat16"]
+    if kernels == "eager":
+        assert r["eager_bf16_mismatch_warnings"] == 0
+    assert torch.equal(r[f"{kernels}_bf16"], r[f"{kernels}_bf16_float32_norms"])

@@ -6,10 +6,10 @@ on a GPU those launches and memory passes cost about as much as the matrix produ
 training step on an H100 spent ~110 ms in them against 120 ms of products). Compiling each
 of the three into one kernel (forward and backward) is what `kernels="compiled"` does:
 
-- RMSNorm: the layers' norms are `CompiledRMSNorm`, torch.nn.RMSNorm's arithmetic for our float32
-  norm weights (all in float32, then one cast to the activations' dtype) in one compiled
-  function; same parameter, same state-dict key. (torch's own fused RMSNorm kernel is not used
-  for bf16 activations with float32 weights: eager runs it as about six kernels.)
+- RMSNorm: the layers' norms are `CompiledRMSNorm`, torch.nn.RMSNorm's arithmetic (all in
+  float32, then one cast to the activations' dtype) in one compiled function; same parameter,
+  same state-dict key. (Eager, torch has a fused RMSNorm kernel of its own, which it takes since
+  the norm weights are held in the model's dtype: `model._norm_weights_in`.)
 - SwiGLU: megatron-core's own fused SwiGLU (`bias_activation_fusion`; its `jit_fuser` is
   torch.compile), with its hand-written backward.
 - RoPE: megatron-core's unfused `_apply_rotary_pos_emb_bshd`, compiled. Its attention module's
@@ -50,7 +50,7 @@ def _has_triton() -> bool:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """torch.rms_norm as it runs for our layers (float32 weights; activations float32 or bf16):
+    """torch.rms_norm as it runs for our layers (activations and weights float32 or bf16):
     everything in float32, one cast back to the activations' dtype at the end."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)

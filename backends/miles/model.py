@@ -93,6 +93,7 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
                     param.normal_(0.0, 0.02)
     else:
         load_hf_weights(model, model_dir)
+    _norm_weights_in(model, dtype)
     model.requires_grad_(False)
     if recompute == "full" and model.pre_process:
         # A recomputed layer only gets gradients if its input requires them, and the frozen
@@ -102,6 +103,17 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
         model.output_layer.register_forward_hook(_contiguous_logits_grad)
     model.unpadded_vocab_size = vocab
     return model.to(device)
+
+
+def _norm_weights_in(model: GPTModel, dtype: torch.dtype) -> None:
+    """RMSNorm weights in the model's dtype, as Hugging Face loads them: megatron-core's torch
+    norms make them float32 whatever `params_dtype` says, and torch.rms_norm runs its fused
+    kernel only when input and weight dtypes match (else about six kernels forward and more
+    backward per norm, on a GPU; Qwen3-8B has 145 norms per forward pass). Same values for a
+    bf16 checkpoint (torch computes in float32 either way and rounds once)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm) and module.weight is not None and module.weight.dtype != dtype:
+            module.weight.data = module.weight.data.to(dtype)
 
 
 def _contiguous_logits_grad(module, args, output) -> None:
