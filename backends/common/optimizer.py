@@ -23,18 +23,20 @@ MOMENT_KINDS = ("exp_avg", "exp_avg_sq", "step")
 
 class AdapterOptimizer:
     def __init__(self, params: list[tuple[str, torch.nn.Parameter, bool]], tp_group=None, dp_group=None,
-                 pp_group=None, device: torch.device | None = None) -> None:
+                 pp_group=None, device: torch.device | None = None, fused: bool | None = None) -> None:
         self.params = params
         # where collectives' buffers live: a stage without this adapter's factors still takes part
         self.device = device if device is not None else params[0][1].device if params else torch.device("cpu")
         self.tp_group = tp_group
         self.dp_group = dp_group
         self.pp_group = pp_group
-        # torch refuses an empty parameter list; a pipeline stage without this adapter's layers has one
-        # foreach: one multi-tensor kernel per update stage over all factors, not a loop over them
-        # (torch picks it by itself only on GPUs; an 8B adapter has ~290 factor tensors)
+        # torch refuses an empty parameter list; a pipeline stage without this adapter's layers has one.
+        # On a GPU the fused AdamW: one kernel for the whole update (the step is host-bound; an 8B
+        # adapter has ~290 factor tensors); elsewhere foreach, one multi-tensor kernel per update
+        # stage (torch picks neither by itself on CPU). Both are AdamW to float32 rounding.
+        self.fused = self.device.type == "cuda" if fused is None else fused
         self.opt = torch.optim.AdamW([p for _, p, _ in params] or [torch.nn.Parameter(torch.zeros(0))], lr=0.0,
-                                     foreach=True)
+                                     **({"fused": True} if self.fused else {"foreach": True}))
         self.steps = 0
 
     def grad_norm(self) -> float:
@@ -110,8 +112,9 @@ class AdapterOptimizer:
                     raise ValueError(f"{kind} of {name} has shape {tuple(moments[kind][name].shape)}, "
                                      f"the parameter {tuple(p.shape)}")
         for name, p, _ in self.params:
-            self.opt.state[p] = {
-                "step": moments["step"][name].detach().to(torch.float32).reshape(()).clone(),
+            self.opt.state[p] = {  # the fused kernel reads the step count on the parameter's device
+                "step": moments["step"][name].detach().to(p.device if self.fused else "cpu", torch.float32)
+                .reshape(()).clone(),
                 "exp_avg": moments["exp_avg"][name].detach().to(p.device, p.dtype).clone(),
                 "exp_avg_sq": moments["exp_avg_sq"][name].detach().to(p.device, p.dtype).clone(),
             }
