@@ -115,6 +115,7 @@ def create_app(config: Config) -> web.Application:
                      config.backend)
             yield
             reaper.cancel()
+            scheduler.close()
         finally:
             await pool.stop()
             futures.close()

@@ -10,10 +10,11 @@
   goes as one item per replica. While some replica is idle, a burst is gathered first: it is sent
   once no new request has come for `gather_s` (2 ms by default), and at the latest
   GATHER_LIMIT × `gather_s` after its first request, so that its prompts are prefilled together
-  (the SDK's requests of one `asyncio.gather` reach the server a millisecond or so apart). When
-  every replica is sampling, requests go at the next event-loop turn: an item that reaches a
-  replica already sampling joins its running batch between decode steps (continuous batching,
-  see `engine.sample_joins`).
+  (the SDK's requests of one `asyncio.gather` reach the server a millisecond or so apart; a lone
+  request waits `gather_s`). When every replica is sampling, requests go at the next event-loop
+  turn: an item that reaches a replica already sampling joins its running batch between decode
+  steps (continuous batching, see `engine.sample_joins`). A new request never postpones a
+  dispatch that is due.
 Results are encoded by the caller-supplied `encode` function and stored as futures.
 
 Each finished work item is recorded in `engine.metrics.TransportMetrics` (bytes, latency
@@ -78,7 +79,7 @@ class Scheduler:
         self._samples: list[tuple[_Job, int]] = []  # (job, rows) waiting for the next turn
         self.router = ReplicaRouter(replicas)  # which data-parallel replica samples each request
         self.gather_s = gather_s  # quiet gap that ends a sampling burst while some replica is idle
-        self._sampling_at: asyncio.TimerHandle | None = None  # when the waiting samples go
+        self._sampling_at: asyncio.Handle | None = None  # the waiting samples' dispatch (a TimerHandle: gathering)
         self._burst_began = 0.0  # loop time of the first waiting sample
         self.metrics = TransportMetrics()
 
@@ -121,10 +122,23 @@ class Scheduler:
         wait = 0.0
         if self.gather_s > 0 and min(self.router.rows) == 0:
             wait = max(0.0, min(self.gather_s, self._burst_began + GATHER_LIMIT * self.gather_s - now))
+        gathering = isinstance(self._sampling_at, asyncio.TimerHandle)
+        if self._sampling_at is not None and not gathering:
+            return job.request_id  # already going at the next turn: never postponed
+        if gathering:
+            self._sampling_at.cancel()  # later (the burst goes on) or now (its time is up)
+        self._sampling_at = loop.call_at(now + wait, self._start_sampling) if wait else loop.call_soon(self._start_sampling)
+        return job.request_id
+
+    def close(self) -> None:
+        """The server is stopping: sampling requests still being gathered fail (retry them) instead
+        of reaching workers that are shutting down."""
         if self._sampling_at is not None:
             self._sampling_at.cancel()
-        self._sampling_at = loop.call_at(now + wait, self._start_sampling)
-        return job.request_id
+            self._sampling_at = None
+        for job, _ in self._samples:
+            self.futures.fail(job.request_id, "the server is shutting down; submit the request again", "server")
+        self._samples = []
 
     def accepted(self, model_id: str, seq_id: int) -> str | None:
         """The request id already given to this (model, seq_id), if any (a retry)."""
