@@ -48,10 +48,10 @@ def _for_the_pipe(a: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
     if isinstance(a, torch.Tensor):
         try:
-            return a.detach().cpu().numpy().copy()
-        except TypeError:  # no numpy dtype for it
+            return a.detach().cpu().numpy().copy()  # a copy is C-contiguous
+        except (TypeError, RuntimeError):  # no numpy dtype for it (bf16), or a conjugate/negative view
             return a
-    return a
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
 
 
 def to_shared(obj: Any) -> Any:
@@ -70,8 +70,8 @@ def _as_tensor(a: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         return a
     try:
         return torch.from_numpy(a)
-    except TypeError:  # a dtype torch has no tensor for (object, ...): left to the operation to refuse
-        return a
+    except (TypeError, ValueError):  # a dtype torch has no tensor for (object, non-native byte order):
+        return a  # left to the operation to refuse, never an error in the worker's queue
 
 
 def as_tensors(obj: Any) -> Any:
@@ -110,8 +110,8 @@ class ShmQueue:
         self.numpy_out = numpy_out  # True for the server's end: hand out numpy, not tensors
 
     def put(self, msg: Any) -> int:
-        """Queue `msg`; returns the array bytes it carries (moved into shared memory or pickled
-        on the queue's feeder thread, not here)."""
+        """Queue `msg`; returns the array bytes it carries (small tensors are copied to numpy here;
+        the queue's feeder thread pickles the message and moves large arrays to shared memory)."""
         ready = to_shared(msg)
         self._q.put(ready)
         return tensor_bytes(ready)

@@ -202,7 +202,8 @@ class _Runner:
         )
         self.gather_output = self.stages.last and bool(getattr(model.output_layer, "gather_output", False))
         weight = model.embedding.word_embeddings.weight if self.stages.first else next(model.parameters())
-        self.device, self.dtype = weight.device, weight.dtype
+        # the activations' dtype; not any parameter's (a later stage's first one may be a norm weight)
+        self.device, self.dtype = weight.device, getattr(model.config, "params_dtype", weight.dtype)
         if self.use_rope and not self.rope_fused:
             self.rope_cos, self.rope_sin = _rope_cos_sin(model, self.rope_table, self.mscale, self.dtype)
 
