@@ -74,3 +74,30 @@ def test_bfloat16_base_weights_keep_float32_adapters(server, tiny_models, tmp_pa
         with safe_open(folder / file, framework="pt") as f:
             dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}
         assert dtypes == {"torch.float32"}, (file, dtypes)
+
+
+def _bf16_samples_and_logprobs(srv: ServerProcess) -> tuple[list[list[int]], list[np.ndarray]]:
+    client = tinker.ServiceClient(base_url=srv.url, api_key=API_KEY)
+    tc = client.create_lora_training_client(QWEN, rank=4, seed=3).result()
+    logprobs = logprobs_of(tc.forward(_data(), "cross_entropy").result())
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompts = [types.ModelInput.from_ints([9707, 1879, 11 + i]) for i in range(3)]
+    futures = [sampler.sample(p, 1, types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])) for p in prompts]
+    return [f.result().sequences[0].tokens for f in futures], logprobs
+
+
+def test_bfloat16_pipeline_stages_sample_what_one_stage_samples(tiny_models, tmp_path):
+    """With --pp 2 in bf16, the second stage receives bf16 activations and keeps bf16 K/V caches
+    (its first parameter is a norm weight, which is not the activations' dtype to go by): its
+    greedy samples and logprobs are those of one bf16 stage."""
+    results = {}
+    for pp in ("1", "2"):
+        srv = ServerProcess(tmp_path / f"pp{pp}", {QWEN: tiny_models[QWEN]}, workers=int(pp),
+                            extra_args=("--dtype", "bfloat16", "--tp", "1", "--pp", pp)).start()
+        try:
+            results[pp] = _bf16_samples_and_logprobs(srv)
+        finally:
+            srv.stop()
+    assert results["2"][0] == results["1"][0]
+    for a, b in zip(results["1"][1], results["2"][1]):
+        np.testing.assert_array_equal(b, a)
