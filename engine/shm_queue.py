@@ -112,9 +112,15 @@ class ShmQueue:
     def put(self, msg: Any) -> int:
         """Queue `msg`; returns the array bytes it carries (small tensors are copied to numpy here;
         the queue's feeder thread pickles the message and moves large arrays to shared memory)."""
-        ready = to_shared(msg)
-        self._q.put(ready)
-        return tensor_bytes(ready)
+        carried = 0
+
+        def ready(a):
+            nonlocal carried
+            carried += _nbytes(a)
+            return _for_the_pipe(a)
+
+        self._q.put(_map_arrays(msg, ready))  # one walk: converted and counted
+        return carried
 
     def get(self, timeout: float | None = None) -> Any:
         with torch.inference_mode(False):  # see get_nowait

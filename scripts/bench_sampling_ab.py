@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_throughput import (ROOT, SHAPES, Server, Workload, _resolved, default_name, machine,  # noqa: E402
-                                      make_shape)
+                                      make_shape, sdk_sample_round)
 
 
 def sampler_of(url: str, api_key: str, base_model: str, rank: int):
@@ -44,19 +44,6 @@ def sampler_of(url: str, api_key: str, base_model: str, rank: int):
     tc = _resolved(service.create_lora_training_client(base_model=base_model, rank=rank, seed=0))
     path = tc.save_weights_for_sampler(name="ab").result().path
     return _resolved(service.create_sampling_client(model_path=path))
-
-
-def one_round(sampler, wl: Workload, round_index: int) -> tuple[float, int]:
-    """(seconds, tokens returned) of one round of concurrent requests."""
-    from tinker import types
-
-    prompts = [types.ModelInput.from_ints(tokens=p) for p in wl.prompts(round_index)]
-    params = [types.SamplingParams(max_tokens=wl.sample_tokens, temperature=1.0, seed=1000 * round_index + i, stop=[])
-              for i in range(len(prompts))]
-    t0 = time.perf_counter()
-    futures = [sampler.sample(prompt=p, num_samples=wl.num_samples, sampling_params=sp) for p, sp in zip(prompts, params)]
-    tokens = sum(len(s.tokens) for f in futures for s in f.result().sequences)
-    return time.perf_counter() - t0, tokens
 
 
 def abba(rounds: int) -> list[str]:
@@ -86,12 +73,12 @@ def run(args: argparse.Namespace) -> dict:
             servers[side].start()
         samplers = {side: sampler_of(s.url, args.api_key, base_model, wl.rank) for side, s in servers.items()}
         for side in "AB":  # warm-up: one round each, not counted
-            one_round(samplers[side], wl, 0)
+            sdk_sample_round(samplers[side], wl, 0)
         order = abba(args.rounds)
         times: dict[str, list[float]] = {"A": [], "B": []}
         tokens: dict[str, list[int]] = {"A": [], "B": []}
         for i, side in enumerate(order):
-            s, n = one_round(samplers[side], wl, 1 + i)
+            s, n = sdk_sample_round(samplers[side], wl, 1 + i)
             times[side].append(s)
             tokens[side].append(n)
     finally:

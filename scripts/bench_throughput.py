@@ -274,20 +274,27 @@ def train_summary(step_s: list[float], losses: list[float], wl: Workload) -> dic
             "mean_nll_first": round(losses[0], 4), "mean_nll_last": round(losses[-1], 4)}
 
 
-def sdk_sample(sampler, wl: Workload, read_metrics=lambda: None) -> dict:
+def sdk_sample_round(sampler, wl: Workload, rnd: int) -> tuple[float, int]:
+    """(seconds, tokens returned) of round `rnd`: its requests all submitted, then all awaited."""
     from tinker import types
 
+    prompts = [types.ModelInput.from_ints(tokens=p) for p in wl.prompts(rnd)]
+    params = [types.SamplingParams(max_tokens=wl.sample_tokens, temperature=1.0, seed=1000 * rnd + i, stop=[])
+              for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    futures = [sampler.sample(prompt=p, num_samples=wl.num_samples, sampling_params=sp) for p, sp in zip(prompts, params)]
+    tokens = sum(len(s.tokens) for f in futures for s in f.result().sequences)
+    return time.perf_counter() - t0, tokens
+
+
+def sdk_sample(sampler, wl: Workload, read_metrics=lambda: None) -> dict:
     round_s, tokens = [], []
     for rnd in range(1 + wl.sample_rounds):  # round 0 warms up
         if rnd == 1:
             before = read_metrics()
-        prompts = [types.ModelInput.from_ints(tokens=p) for p in wl.prompts(rnd)]
-        t0 = time.perf_counter()
-        futures = [sampler.sample(prompt=p, num_samples=wl.num_samples, sampling_params=types.SamplingParams(
-            max_tokens=wl.sample_tokens, temperature=1.0, seed=1000 * rnd + i, stop=[])) for i, p in enumerate(prompts)]
-        n = sum(len(s.tokens) for f in futures for s in f.result().sequences)
+        seconds, n = sdk_sample_round(sampler, wl, rnd)
         if rnd > 0:
-            round_s.append(time.perf_counter() - t0)
+            round_s.append(seconds)
             tokens.append(n)
     summary = sample_summary(round_s, tokens)
     transport = transport_phase(before, read_metrics(), ("sample",), wl.sample_rounds)
