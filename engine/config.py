@@ -20,7 +20,7 @@ BACKENDS = ("miles", "nemo_rl")
 DTYPES = ("auto", "float32", "bfloat16")
 RECOMPUTE = ("none", "selective", "full")
 LORA_COMPUTE = ("float32", "base")
-KERNELS = ("eager", "compiled")  # backends/miles/fusions.py
+KERNELS = ("eager", "compiled", "compiled_layers")  # what each is: backends/miles/fusions.py
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ class Config:
     dtype: str = "auto"  # base weights: bfloat16 on GPUs, float32 on CPU; adapters and Adam state stay float32
     recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (whole layers)
     lora_compute: str = "float32"  # LoRA products in float32, or in the base weights' dtype ("base")
-    kernels: str = "eager"  # RMSNorm / RoPE / SwiGLU: eager, or compiled into one fused kernel each
+    # RMSNorm / RoPE / SwiGLU eager, or compiled into one fused kernel each ("compiled"), or every
+    # decoder layer compiled whole, LoRA included ("compiled_layers"; not with recompute)
+    kernels: str = "eager"
     # while a sampling batch decodes, the share of the worker's time the operations that arrive
     # meanwhile (training, checkpoints) may take between its decode steps; 0: they wait for its end
     interleave_share: float = 0.5
@@ -78,6 +80,9 @@ class Config:
             raise ValueError(f"TINKERCLOUD_SAMPLE_GATHER_MS must be between 0 and 1000, got {self.sample_gather_ms}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"TINKERCLOUD_RECOMPUTE must be one of {RECOMPUTE}, got {self.recompute!r}")
+        if self.kernels == "compiled_layers" and self.recompute != "none":
+            raise ValueError("TINKERCLOUD_KERNELS=compiled_layers does not combine with TINKERCLOUD_RECOMPUTE "
+                             f"(got {self.recompute!r}): use compiled kernels, or no recomputation")
         for key in self.api_keys:
             if not key.startswith(("tml-", "eyJ")):
                 raise ValueError(f"API key {key[:6]!r}... must start with 'tml-': the tinker SDK refuses others")
@@ -142,8 +147,9 @@ class Config:
         p.add_argument("--lora-compute", choices=LORA_COMPUTE,
                        help="dtype of the LoRA products: float32 (default) or the base weights' (factors stay float32)")
         p.add_argument("--kernels", choices=KERNELS,
-                       help="RMSNorm, RoPE and SwiGLU as PyTorch's small kernels (eager, the default) or "
-                            "torch.compile'd into one fused kernel each (compiled)")
+                       help="RMSNorm, RoPE and SwiGLU as PyTorch's small kernels (eager, the default), "
+                            "torch.compile'd into one fused kernel each (compiled), or each decoder layer compiled "
+                            "whole, LoRA included (compiled_layers: fewest kernel launches; not with --recompute)")
         p.add_argument("--interleave-share", type=float,
                        help="while a sampling batch decodes, the share of the worker's time other operations may "
                             "take between its decode steps (0..1, default 0.5; 0: they wait for the batch to end)")

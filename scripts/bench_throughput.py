@@ -57,6 +57,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from engine.config import KERNELS  # noqa: E402  (light: no torch)
 EMBEDDED_NAME = "tinkercloud/tiny-qwen3"
 LORA_ALPHA = 32.0
 ADAM = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0, "grad_clip_norm": 0.0}
@@ -162,7 +164,6 @@ def mfu(facts: dict, wl: Workload, tokens_per_s: float | None, device: str, dtyp
 
 
 def make_shape(shape: str, models_dir: Path) -> str:
-    sys.path.insert(0, str(ROOT))
     from scripts.make_tiny_model import make_tiny_model
 
     return make_tiny_model(str(models_dir / shape), "qwen3", **SHAPES[shape])
@@ -675,8 +676,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-compute", choices=("fp32", "base"), default="fp32",
                    help="the LoRA products in float32 (the server's default) or in the base weights' dtype (factors "
                         "and optimizer state stay float32), in-process and in a started server")
-    p.add_argument("--kernels", choices=("eager", "compiled"), default="eager",
-                   help="RMSNorm/RoPE/SwiGLU eager or compiled into fused kernels, in-process and in a started server")
+    p.add_argument("--kernels", choices=KERNELS, default="eager",
+                   help="RMSNorm/RoPE/SwiGLU eager or compiled into fused kernels, or whole decoder layers compiled, "
+                        "in-process and in a started server")
     p.add_argument("--profile", metavar="FILE", help="after the timed in-process steps, profile one more and write "
                    "torch.profiler's operator table (sorted by device time) to FILE")
     p.add_argument("--inprocess-spec", help=argparse.SUPPRESS)

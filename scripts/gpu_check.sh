@@ -4,21 +4,21 @@
 #     bash scripts/gpu_check.sh            # results in $OUT (else ./gpu_check_out)
 #
 # Needs the wheels of scripts/README.md in .whl/ (nothing is downloaded). Stages, each with its own time limit,
-# all inside GPU_CHECK_SECONDS (default 540) so one 10-minute device call holds it:
+# all inside GPU_CHECK_SECONDS (default 540) so one 10-minute device call holds it, most important first:
 #   1. install the carried wheels into /tmp/site;
 #   2. Qwen3-8B shape, bf16, in-process with random weights drawn on the GPU (no checkpoint: the shape's
-#      folder holds its config only), eager layers: batch 4 x 1024 with LoRA products in bf16 (the best
-#      MFU so far, 30.6 %), then batch 2 x 1024 with float32 products (the server's default, the
-#      configuration whose profile counted 9819 kernels on 2026-11-27), each with a torch.profiler
-#      table of one step (since 4bda206 the norms take torch's fused RMSNorm kernel);
-#   3. TP=1 correctness: the fixed SDK sequence of scripts/tp1_reference.py through a server with one GPU
-#      worker (fp32, its default eager kernels), against the CPU values in tp1_reference.json;
-#   4. Qwen3-0.6B shape, bf16: server through the SDK vs in-process, overhead ratio and latency split
-#      (since 84a58fc the server's 8 x 1024 step is one micro-batch, as in-process);
-#   5. 8B at twice the batch with compiled kernels (RMSNorm/RoPE/SwiGLU fused by torch.compile,
-#      backends/miles/fusions.py) and bf16 LoRA products: the first step compiles (about a minute cold).
-#   The H100 runs of 2026-11-27 (BENCHMARKS.md) found the 8B step host-bound at 2 x 1024; these stages
-#   measure what was changed for that without a GPU since.
+#      folder holds its config only), batch 4 x 1024, LoRA rank 32 with bf16 products, each decoder layer
+#      compiled whole (`--kernels compiled_layers`: one graph forward, one backward, LoRA included; the
+#      first step compiles), with a torch.profiler table of one step: the MFU candidate;
+#   3. the same with eager layers (the best measured before, 30.6 % MFU on 2026-11-27; since then bf16
+#      norm weights take torch's fused RMSNorm and AdamW is fused), profiled, for the comparison;
+#   4. TP=1 correctness: the fixed SDK sequence of scripts/tp1_reference.py through a server with one GPU
+#      worker (fp32, compiled layers), against the CPU values in tp1_reference.json;
+#   5. 8B with compiled layers at 6 x 1024 (more tokens per host launch; ~70 GiB expected);
+#   6. Qwen3-0.6B shape, bf16, compiled layers: server through the SDK vs in-process, overhead ratio and
+#      latency split, if time is left.
+#   The H100 runs of 2026-11-27 (BENCHMARKS.md) found the 8B step host-bound at 2 x 1024 (5-10 thousand
+#   kernels a step, 30-60 us of host time each); compiled layers are the answer to that.
 # Results in $OUT (the device tool returns at most 8 files): gpu_check.log (every stage's output),
 # tp1_check.json, results.json (every bench report by stage name), profiles.txt.
 # A stage that fails or runs out of time is reported and the next one still runs; the exit code is that of
@@ -68,20 +68,24 @@ big() {  # big NAME ARGS...: an in-process 8B-shape stage, its report in $TMP/NA
   local name=$1; shift
   stage "$name" "$BIG_LIMIT" "${BENCH[@]}" --json "$TMP/$name.json" --no-server --shape "$BIG" --dtype bf16 "$@"
 }
+B4=(--batch $(( 2 * ${TRAIN_BIG[1]} )) "${TRAIN_BIG[@]:2}")
+TINY_SAMPLE=(--sample-requests 1 --prompt-tokens 8 --sample-tokens 4 --sample-rounds 1)
+BIG_LIMIT=200
+big 8b_layers_lora16_b4 --kernels compiled_layers --lora-compute base "${B4[@]}" --steps 3 "${SAMPLE_BIG[@]}" \
+  --sample-rounds 1 --profile "$TMP/profile_8b_layers_lora16_b4.txt"
 BIG_LIMIT=100
-big 8b_eager_lora16_b4 --kernels eager --lora-compute base --batch $(( 2 * ${TRAIN_BIG[1]} )) "${TRAIN_BIG[@]:2}" \
-  --steps 3 "${SAMPLE_BIG[@]}" --sample-rounds 1 --profile "$TMP/profile_8b_eager_lora16_b4.txt"
-big 8b_eager_lora32 --kernels eager --lora-compute fp32 "${TRAIN_BIG[@]}" --steps 3 \
-  --sample-requests 1 --prompt-tokens 8 --sample-tokens 4 --sample-rounds 1 --profile "$TMP/profile_8b_eager_lora32.txt"
+big 8b_eager_lora16_b4 --kernels eager --lora-compute base "${B4[@]}" --steps 3 "${TINY_SAMPLE[@]}" \
+  --profile "$TMP/profile_8b_eager_lora16_b4.txt"
 
-stage tp1_check 150 $PY scripts/tp1_reference.py --check --json "$OUT/tp1_check.json"; CORRECT=$?
+stage tp1_check 120 $PY scripts/tp1_reference.py --check --kernels compiled_layers --json "$OUT/tp1_check.json"
+CORRECT=$?
+
+BIG_LIMIT=200
+big 8b_layers_lora16_b6 --kernels compiled_layers --lora-compute base --batch $(( 3 * ${TRAIN_BIG[1]} )) \
+  "${TRAIN_BIG[@]:2}" --steps 3 "${TINY_SAMPLE[@]}"
 
 stage 0.6b_server 170 "${BENCH[@]}" --json "$TMP/0.6b_server.json" --start-server --shape "$SMALL" --dtype bf16 \
-  "${TRAIN_SMALL[@]}" --steps 4 "${SAMPLE_SMALL[@]}" --sample-rounds 1 --probe-steps 2
-
-BIG_LIMIT=150
-big 8b_compiled_lora16_b4 --kernels compiled --lora-compute base --batch $(( 2 * ${TRAIN_BIG[1]} )) \
-  "${TRAIN_BIG[@]:2}" --steps 3 --sample-requests 1 --prompt-tokens 8 --sample-tokens 4 --sample-rounds 1
+  --kernels compiled_layers "${TRAIN_SMALL[@]}" --steps 4 "${SAMPLE_SMALL[@]}" --sample-rounds 1 --probe-steps 2
 
 for f in "$TMP"/profile_*.txt; do [[ -f $f ]] && { echo "=== $(basename "$f")"; cat "$f"; }; done > "$OUT/profiles.txt"
 
@@ -90,7 +94,7 @@ $PY - "$TMP" "$OUT/results.json" <<'EOF' | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 tmp, results = Path(sys.argv[1]), {}
-for name in ("8b_eager_lora16_b4", "8b_eager_lora32", "0.6b_server", "8b_compiled_lora16_b4"):
+for name in ("8b_layers_lora16_b4", "8b_eager_lora16_b4", "8b_layers_lora16_b6", "0.6b_server"):
     try:
         r = results[name] = json.loads((tmp / f"{name}.json").read_text())
     except (OSError, ValueError):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_throughput import Server  # noqa: E402
+from scripts.bench_throughput import KERNELS, Server  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parent / "tp1_reference.json"
 BASE_MODEL = "tp1-ref"
@@ -81,10 +81,11 @@ def run_sequence(url: str) -> dict:
             "prompt_logprobs": [x for x in prompt_lp if x is not None]}
 
 
-def measure() -> dict:
+def measure(kernels: str = "eager") -> dict:
     with tempfile.TemporaryDirectory(prefix="tp1-ref-model-") as tmp:
         digest = write_model(Path(tmp))
-        server = Server(API_KEY, BASE_MODEL, tmp, workers=1, dtype="fp32").start()  # the CPU reference is fp32
+        server = Server(API_KEY, BASE_MODEL, tmp, workers=1, dtype="fp32",  # the CPU reference is fp32
+                        extra_args=("--kernels", kernels)).start()
         try:
             values = run_sequence(server.url)
         finally:
@@ -120,9 +121,12 @@ def main() -> None:
     mode.add_argument("--write", action="store_true", help=f"measure here and write {REFERENCE.name}")
     mode.add_argument("--check", action="store_true", help=f"measure here and compare with {REFERENCE.name}")
     p.add_argument("--json", help="also write the comparison to this file")
+    p.add_argument("--kernels", choices=KERNELS, default="eager", help="the server's --kernels (the reference: eager)")
     args = p.parse_args()
     os.environ.setdefault("TINKER_TELEMETRY", "0")
-    got = measure()
+    if args.write and args.kernels != "eager":
+        p.error("the reference is written with eager kernels")
+    got = measure(args.kernels)
     if args.write:
         REFERENCE.write_text(json.dumps({"tolerance": TOLERANCE, **got}, indent=1) + "\n")
         print(f"wrote {REFERENCE}")

@@ -36,6 +36,7 @@ def test_flags_override_environment_which_overrides_yaml(tmp_path, monkeypatch):
     assert Config().sample_gather_ms == 2.0
     assert (cfg.kernels, Config.from_args(["--kernels", "compiled"]).kernels, Config().kernels) == \
         ("eager", "compiled", "eager")
+    assert Config.from_args(["--kernels", "compiled_layers"]).kernels == "compiled_layers"
     assert cfg.futures_path == "/d/futures" and cfg.models == (ServedModel("m", "/p"),)
 
 
@@ -48,6 +49,8 @@ def test_bad_configuration_is_refused_with_a_reason(tmp_path):
         Config(lora_compute="fp8")
     with pytest.raises(ValueError, match="TINKERCLOUD_KERNELS"):
         Config(kernels="fast")
+    with pytest.raises(ValueError, match="compiled_layers does not combine with TINKERCLOUD_RECOMPUTE"):
+        Config(kernels="compiled_layers", recompute="selective")
     with pytest.raises(ValueError, match="TINKERCLOUD_INTERLEAVE_SHARE must be between 0 and 1"):
         Config(interleave_share=1.5)
     with pytest.raises(ValueError, match="TINKERCLOUD_SAMPLE_GATHER_MS"):

@@ -19,6 +19,24 @@ from tests.mcore_harness import hf_logprobs, init_worker, make_hf_checkpoint, ru
 BATCH, SEQ = 2, 24
 
 
+def _train_pass(lora, model, adapter: str, batch: dict):
+    """The adapter's B factors set to seeded values (B = 0 would make every A gradient zero), one
+    weighted-NLL forward and backward: (logprobs, {factor: gradient})."""
+    import torch
+
+    from backends.miles.model import token_logprobs
+
+    generator = torch.Generator().manual_seed(1 + len(adapter) * ord(adapter[0]))
+    with torch.no_grad():
+        for name, p, _ in lora.adapter_params(adapter):
+            if name.endswith("lora_B"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    with lora.route([adapter] * batch["tokens"].shape[0]):
+        logprobs = token_logprobs(model, batch["tokens"], batch["targets"])
+        (-(logprobs * batch["weights"]).sum()).backward()
+    return logprobs.detach(), {name: p.grad.clone() for name, p, _ in lora.adapter_params(adapter)}
+
+
 def _worker(out_path: str, model_dir: str, batch_path: str) -> None:
     import torch
     import torch.distributed as dist
@@ -29,28 +47,28 @@ def _worker(out_path: str, model_dir: str, batch_path: str) -> None:
     from backends.miles.model import build_model, token_logprobs
     from backends.miles.sampler import SampleSpec, generate
 
+    from torch._dynamo.utils import counters
+
     batch = torch.load(batch_path)
     results = {}
-    for kernels in ("eager", "compiled"):  # eager first: it must not take the compiled RoPE
+    for kernels in ("eager", "compiled", "compiled_layers"):  # eager first: it must not take the compiled RoPE
         model = build_model(model_dir, device, kernels=kernels)
         lora = LoraManager(model)
         lora.add_adapter("a", 4, 8.0, train_unembed=True, seed=0)
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # B = 0 would make every A gradient zero
-            for name, p, _ in lora.adapter_params("a"):
-                if name.endswith("lora_B"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-        with lora.route(["a"] * BATCH):
-            logprobs = token_logprobs(model, batch["tokens"], batch["targets"])
-            (-(logprobs * batch["weights"]).sum()).backward()
-        grads = {name: p.grad.clone() for name, p, _ in lora.adapter_params("a")}
+        logprobs, grads = _train_pass(lora, model, "a", batch)
+        graphs = counters["stats"]["unique_graphs"]  # another adapter, same shape, other values:
+        lora.add_adapter("b", 4, 8.0, train_unembed=True, seed=7)  # compiled layers make no new graph
+        b_logprobs = _train_pass(lora, model, "b", batch)[0]
+        b_new_graphs = counters["stats"]["unique_graphs"] - graphs
+        lora.remove_adapter("b")
         with torch.no_grad():
             plain = token_logprobs(model, batch["tokens"], batch["targets"])
         lora.clone_adapter("a", "frozen")
         samples = generate(model, [SampleSpec(prompt=batch["tokens"][0, :8].tolist(), num_samples=1, max_tokens=12,
                                               temperature=0.0, seed=0, adapter="frozen")], route=lora.route)
         results[kernels] = {
-            "logprobs": logprobs.detach(), "grads": grads, "plain": plain,
+            "logprobs": logprobs, "grads": grads, "plain": plain, "b_logprobs": b_logprobs,
+            "b_new_graphs": b_new_graphs, "graph_breaks": sum(counters["graph_break"].values()),
             "tokens": samples[0].sequences[0].tokens,
             "norm_types": sorted({type(m).__name__ for n, m in model.named_modules()
                                   if n.rpartition(".")[2] in ("input_layernorm", "pre_mlp_layernorm", "q_layernorm",
@@ -98,16 +116,28 @@ def test_compiled_layers_are_in_place_and_eager_ones_untouched(runs):
     assert not eager["compiled_rope_made"] and compiled["compiled_rope_made"]
 
 
-def test_compiled_kernels_give_eager_logprobs_gradients_and_samples(runs):
+@pytest.mark.parametrize("kernels", ["compiled", "compiled_layers"])
+def test_compiled_kernels_give_eager_logprobs_gradients_and_samples(runs, kernels):
     _, _, results = runs
-    eager, compiled = results["eager"], results["compiled"]
+    eager, compiled = results["eager"], results[kernels]
     assert (eager["logprobs"] - compiled["logprobs"]).abs().max() < 1e-5
+    assert (eager["b_logprobs"] - compiled["b_logprobs"]).abs().max() < 1e-5
     assert (eager["plain"] - compiled["plain"]).abs().max() < 1e-5
     assert eager["grads"].keys() == compiled["grads"].keys() and len(eager["grads"]) > 10
     for name, g in eager["grads"].items():
         assert g.abs().max() > 0, name
         assert (g - compiled["grads"][name]).abs().max() <= 1e-5 * max(1.0, g.abs().max()), name
     assert compiled["tokens"] == eager["tokens"] and len(eager["tokens"]) == 12
+
+
+def test_compiled_layers_are_whole_graphs_shared_by_adapters(runs):
+    """A compiled decoder layer is one graph (megatron-core's warnings and our TensorMemo would
+    split it), and a second adapter of the same shape reuses the first one's graphs with its
+    own factors (its logprobs differ from the first adapter's and match eager's, above)."""
+    _, _, results = runs
+    layers = results["compiled_layers"]
+    assert layers["graph_breaks"] == 0 and layers["b_new_graphs"] == 0
+    assert (layers["b_logprobs"] - layers["logprobs"]).abs().max() > 1e-2
 
 
 def test_compiled_kernels_in_bf16_are_as_close_to_float32_as_eager_bf16(runs):
@@ -131,8 +161,47 @@ def test_compiled_model_matches_hf(runs):
     assert (results["compiled"]["plain"] - reference).abs().max() < 1e-4
 
 
+def _tp_worker(out_path: str, model_dir: str, batch_path: str) -> None:
+    """Rank 0 of tp=2: logprobs and gradients with eager and with compiled layers."""
+    import torch
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    device = init_worker()
+    from backends.miles.lora import LoraManager
+    from backends.miles.model import build_model
+
+    batch, results = torch.load(batch_path), {}
+    for kernels in ("eager", "compiled_layers"):
+        model = build_model(model_dir, device, kernels=kernels)
+        lora = LoraManager(model)
+        lora.add_adapter("a", 4, 8.0, train_unembed=True, seed=0)
+        results[kernels] = _train_pass(lora, model, "a", batch)
+    results["graph_breaks"] = sum(counters["graph_break"].values())
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+def test_compiled_layers_under_tensor_parallelism(runs, tmp_path):
+    """tp=2: the same logprobs and adapter gradients as eager, and no graph breaks (megatron-core's
+    tensor-parallel mappings warn on rank 0 when no group is passed, which would split the layer)."""
+    import torch
+
+    model_dir, _, _ = runs
+    run_workers(Path(__file__), 2, "tp", str(tmp_path / "tp.pt"), str(model_dir), str(model_dir.parent / "batch.pt"),
+                timeout=600)
+    results = torch.load(tmp_path / "tp.pt", weights_only=False)
+    (eager_lp, eager_grads), (layers_lp, layers_grads) = results["eager"], results["compiled_layers"]
+    assert results["graph_breaks"] == 0
+    assert (eager_lp - layers_lp).abs().max() < 1e-5
+    assert eager_grads.keys() == layers_grads.keys()
+    for name, g in eager_grads.items():
+        assert (g - layers_grads[name]).abs().max() <= 1e-5 * max(1.0, g.abs().max()), name
+
+
 if __name__ == "__main__":
-    _worker(*sys.argv[1:])
+    (_tp_worker if sys.argv[1] == "tp" else _worker)(*sys.argv[2 if sys.argv[1] == "tp" else 1:])
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])

@@ -23,21 +23,28 @@ within 1e-5, tests/test_fusions.py; bf16: closer to float32 than eager, one roun
 An option, not the default: on an H100 it cut an 8B step's device time by 44 % (with bf16 LoRA
 products) but not its wall time, which the host bounds at batch 2 x 1024, and the first step
 pays the compilation (BENCHMARKS.md, GPU results).
+
+`kernels="compiled_layers"` goes further for that host bound: each decoder layer, as built
+(eager norms, RoPE, SwiGLU, SDPA and the LoRA wrappers), is compiled whole (`compile_layers`),
+so a layer is one graph forward and one backward and the compiler fuses the elementwise work
+itself. Nothing in a layer may split the graph: `TensorMemo` makes its value inside the graph,
+and the LoRA layers pass megatron-core its tensor-parallel group (without one it warns at every
+call, which dynamo cannot trace). tests/test_fusions.py checks eager's results, tp=2, no graph
+breaks and one set of graphs for every adapter.
 """
 from __future__ import annotations
 
 import torch
 
 from backends.miles.tensor_memo import TensorMemo
-
-KERNELS = ("eager", "compiled")
+from engine.config import KERNELS
 
 
 def check_kernels(kernels: str, device: torch.device | str) -> None:
     """Refuses an unknown choice, and compiled kernels on a GPU without Triton (their compiler)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    if kernels == "compiled" and torch.device(device).type == "cuda" and not _has_triton():
+    if kernels != "eager" and torch.device(device).type == "cuda" and not _has_triton():
         raise ValueError("compiled kernels on a GPU need Triton, which is not installed")
 
 
@@ -143,3 +150,17 @@ def compile_layer_spec(spec, config) -> None:
     if config.qk_layernorm:
         attention = spec.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = CompiledRMSNorm
+
+
+def compile_layers(model) -> None:
+    """`kernels="compiled_layers"`: each decoder layer of a built model (eager modules, LoRA
+    included) runs as one compiled graph forward and one backward. The layers share their graphs
+    (torch.compile treats their parameters as inputs); what makes a new one is the layer's input
+    needing gradients or not (the first layer's input does not), grad mode, a new shape after the
+    first (then one graph for all lengths), and the LoRA routing's structure (how many adapters a
+    batch mixes, their rank and scale), never an adapter's name (`LoraLinear._active_adapters`).
+    Past RECOMPILE_LIMIT graphs torch runs the layer eagerly: the same results, more slowly."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for layer in model.decoder.layers:
+        layer.compile()
+

@@ -109,10 +109,12 @@ class LoraLinear(nn.Module):
             raise ValueError("a column-parallel LoraLinear needs B's row layout for every tp rank")
         self.b_rows_by_rank = b_rows_by_rank
         self.tp = tp_size()  # at 1 the r-wide all-reduce / copy mappings are identities: skipped
-        self.fast_base = self.tp == 1 and base.bias is None
         self.compute_dtype = FACTOR_DTYPE  # the LoRA products' dtype (LoraManager's compute_dtype)
         self.adapters: dict[str, LoraFactors] = {}  # not registered: the model's own state stays the base
-        self.routing: tuple[int | None, list[tuple[str, torch.Tensor | None]]] | None = None
+        # Set by `LoraManager.route`: the adapters of this layer that apply, each with its batch rows
+        # (None: all), and the batch size the routing was made for (None: any).
+        self.routing: list[tuple[LoraFactors, torch.Tensor | None]] | None = None
+        self.routing_batch: int | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -179,7 +181,7 @@ class LoraLinear(nn.Module):
         for factors, rows in active:
             h = self._down(input_, rows, factors)
             if self.tp > 1:
-                h = reduce_from_tensor_model_parallel_region(h)
+                h = reduce_from_tensor_model_parallel_region(h, group=self.base.tp_group)
             output = self._add_up(output, rows, h, factors)
         return output, bias
 
@@ -189,10 +191,10 @@ class LoraLinear(nn.Module):
         for factors, rows in active:
             h = self._down(input_, rows, factors)
             if self.tp > 1:
-                h = copy_to_tensor_model_parallel_region(h)
+                h = copy_to_tensor_model_parallel_region(h, group=self.base.tp_group)
             output = self._add_up(output, rows, h, factors)
         if gather:
-            output = gather_from_tensor_model_parallel_region(output)
+            output = gather_from_tensor_model_parallel_region(output, group=self.base.tp_group)
         return output, bias
 
     def _down(self, input_: torch.Tensor, rows: torch.Tensor | None, factors: LoraFactors) -> torch.Tensor:
@@ -214,20 +216,32 @@ class LoraLinear(nn.Module):
         return _add_rows(output, rows, (factors.scale * h) @ lora_B.t())
 
     def _base(self, input_: torch.Tensor, weight: torch.Tensor | None = None, **kwargs):
-        """The base layer. Without gradients at tp=1 and without bias, its one product is done
-        here: the same `matmul` megatron-core runs, without its autograd Function, autocast
-        wrapper and group lookups, which cost more than the product in a decode step."""
-        if self.fast_base and not torch.is_grad_enabled():
-            return torch.matmul(input_, (self.base.weight if weight is None else weight).t()), None
+        """The base layer. With its weight frozen and no bias, the product is done here (with the
+        all-reduce after it for a row-parallel layer at tp > 1): what megatron-core's
+        `LinearWithFrozenWeight` computes, forward and backward, without its autograd Function,
+        autocast wrapper and group lookups, which cost more than the product in a decode step
+        (and its row-parallel layers call `warnings.warn` on rank 0 at every call, which splits a
+        compiled layer). A column-parallel layer at tp > 1 goes through megatron-core, which
+        all-reduces its input's gradient."""
+        weight = self.base.weight if weight is None else weight
+        if (self.base.bias is None and (self.tp == 1 or not self.column_parallel)
+                and not (weight.requires_grad and torch.is_grad_enabled())):
+            output = torch.matmul(input_, weight.t())
+            if self.tp > 1:
+                output = reduce_from_tensor_model_parallel_region(output, group=self.base.tp_group)
+            return output, None
         return self.base(input_, weight, **kwargs) if self.column_parallel else self.base(input_)
 
     def _active_adapters(self, input_: torch.Tensor) -> list[tuple[LoraFactors, torch.Tensor | None]]:
         if self.routing is None:
             return []
-        batch, groups = self.routing
+        # The check runs eagerly only: in a compiled layer (`kernels="compiled_layers"`) reading the
+        # batch size would make a graph per size, and the routing holds factors, not adapter names,
+        # so one graph serves every adapter of the same shape.
+        batch = None if torch.compiler.is_compiling() else self.routing_batch
         if batch is not None and input_.shape[1] != batch:
             raise ValueError(f"route() was given {batch} rows but the layer sees batch {input_.shape[1]}")
-        return [(self.adapters[name], rows) for name, rows in groups if name in self.adapters]
+        return self.routing
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -439,12 +453,13 @@ class LoraManager:
             raise RuntimeError("route() does not nest")
         self._routing_active = True
         for module in self.modules.values():
-            module.routing = (batch, groups)
+            module.routing_batch = batch
+            module.routing = [(module.adapters[name], rows) for name, rows in groups if name in module.adapters]
         try:
             yield
         finally:
             for module in self.modules.values():
-                module.routing = None
+                module.routing = module.routing_batch = None
             self._routing_active = False
 
 

@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from backends.miles.attention import SdpaAttention
-from backends.miles.fusions import check_kernels, compile_layer_spec, route_rope
+from backends.miles.fusions import check_kernels, compile_layer_spec, compile_layers, route_rope
 from backends.miles.hf_checkpoint import load_hf_weights, read_hf_config, transformer_config_from_hf
 from backends.miles.parallel import is_first_stage, is_last_stage, pp_size, tp_rank, tp_size
 
@@ -64,7 +64,8 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     (`model.unpadded_vocab_size` records the real size). `random_weights` skips the checkpoint
     (only its config.json is read): every matrix N(0, 0.02), every norm 1, drawn on `device`, for
     throughput benchmarks of a model shape whose weights do not matter. `kernels`: "compiled" fuses
-    RMSNorm, RoPE and SwiGLU with torch.compile (`fusions.py`), "eager" does not.
+    RMSNorm, RoPE and SwiGLU with torch.compile, "compiled_layers" compiles each whole decoder
+    layer (`fusions.py`), "eager" does neither.
     """
     config, gpt_kwargs = transformer_config_from_hf(
         read_hf_config(model_dir), tensor_parallel_size=tp_size(), pipeline_parallel_size=pp_size(), dtype=dtype,
@@ -78,6 +79,8 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention
     check_kernels(kernels, device)
+    if kernels == "compiled_layers" and recompute != "none":
+        raise ValueError("compiled_layers kernels do not combine with activation recomputation")
     route_rope()
     if kernels == "compiled":
         compile_layer_spec(spec, config)
@@ -102,7 +105,10 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     if model.post_process:
         model.output_layer.register_forward_hook(_contiguous_logits_grad)
     model.unpadded_vocab_size = vocab
-    return model.to(device)
+    model = model.to(device)
+    if kernels == "compiled_layers":
+        compile_layers(model)
+    return model
 
 
 def _norm_weights_in(model: GPTModel, dtype: torch.dtype) -> None:
@@ -172,12 +178,13 @@ def _many_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     result and its gradient are those of the full-vocabulary log-softmax.
     """
     local_vocab = logits.shape[-1]
+    group = parallel_state.get_tensor_model_parallel_group()
     peak = logits.detach().amax(-1, keepdim=True)
     if tp_size() > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - peak
-    log_normaliser = reduce_from_tensor_model_parallel_region(shifted.exp().sum(-1)).log()
+    log_normaliser = reduce_from_tensor_model_parallel_region(shifted.exp().sum(-1), group=group).log()
     local = targets - tp_rank() * local_vocab
     here = (local >= 0) & (local < local_vocab)
     picked = torch.where(here, shifted.gather(-1, local.clamp(0, local_vocab - 1)), 0.0)
-    return reduce_from_tensor_model_parallel_region(picked.contiguous()) - log_normaliser[..., None]
+    return reduce_from_tensor_model_parallel_region(picked.contiguous(), group=group) - log_normaliser[..., None]

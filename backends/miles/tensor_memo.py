@@ -19,6 +19,8 @@ class TensorMemo:
         self._last: tuple = ()  # (source tensor, key, value)
 
     def get(self, source: torch.Tensor, key: Hashable, make: Callable[[], Any]) -> Any:
+        if torch.compiler.is_compiling():  # inside a compiled graph: made in it, fused by the compiler
+            return make()
         key = (key, torch.is_inference_mode_enabled())
         last = self._last
         if not last or last[0] is not source or last[1] != key:
