@@ -104,7 +104,7 @@ class MilesBackend(TrainingBackend):
         # factors stay float32 either way
         self.lora_dtype = lora_dtype = dtype if spec.lora_compute == "base" else torch.float32
         if is_global_rank_0():
-            log.info("base weights in %s, LoRA products in %s", dtype, lora_dtype)
+            log.info("base weights in %s, LoRA products in %s, %s kernels", dtype, lora_dtype, spec.kernels)
         self.bases: dict[str, _Base] = {}
         for name, path in spec.models.items():
             model = build_model(path, self.device, dtype, spec.recompute, kernels=spec.kernels)
