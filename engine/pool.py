@@ -99,6 +99,11 @@ class WorkerPool:
             env = {
                 "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.spec.world_size),
                 "LOCAL_WORLD_SIZE": str(self.spec.world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                # torch.compile's caches (inductor's, Triton's inside it) in the data dir rather than /tmp,
+                # so a restarted server or container reuses them: an 8B shape's compiled layers took 26 s
+                # cold and under 4 s warm on an H100 (BENCHMARKS.md)
+                "TORCHINDUCTOR_CACHE_DIR": (os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+                                            or os.path.join(self.spec.data_dir, "compile_cache")),
             }
             proc = CONTEXT.Process(
                 target=worker.main, args=(env, self.spec, self._inbox[rank], self._outbox),

@@ -75,3 +75,30 @@ def test_tensor_parallel_2_matches_1(server, server_tp2, name):
     assert two["norm2"] == pytest.approx(one["norm2"], rel=1e-5)
     assert two["sampled"] == one["sampled"]
     np.testing.assert_allclose(np.array(two["sampled_lp"]), np.array(one["sampled_lp"]), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def server_compiled_layers(tiny_models, tmp_path_factory):
+    # this test process may have set TORCHINDUCTOR_CACHE_DIR (torch does once it looks for its cache);
+    # empty, the server uses its own default
+    srv = ServerProcess(tmp_path_factory.mktemp("layers"), {"tiny-qwen3": tiny_models["tiny-qwen3"]},
+                        extra_args=("--kernels", "compiled_layers"), env={"TORCHINDUCTOR_CACHE_DIR": ""}).start()
+    yield srv
+    srv.stop()
+
+
+def test_compiled_layers_server_matches_eager(server, server_compiled_layers):
+    """`--kernels compiled_layers` (each decoder layer one compiled graph, forward and backward)
+    through the SDK: eager's logprobs, loss, gradients (two optimizer steps) and samples, and
+    torch.compile's cache kept in the server's data dir for the next start."""
+    eager, layers = _run_steps(server.url, "tiny-qwen3"), _run_steps(server_compiled_layers.url, "tiny-qwen3")
+    for key in ("lp0", "lp2"):
+        for a, b in zip(eager[key], layers[key]):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    assert layers["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    assert layers["norm1"] == pytest.approx(eager["norm1"], rel=1e-5)
+    assert layers["norm2"] == pytest.approx(eager["norm2"], rel=1e-5)
+    assert layers["sampled"] == eager["sampled"]
+    np.testing.assert_allclose(np.array(layers["sampled_lp"]), np.array(eager["sampled_lp"]), atol=1e-5)
+    cache = server_compiled_layers.data_dir / "compile_cache"
+    assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*"))
