@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_hf_checkpoint(
     out_dir: Path, arch: str, *, vocab_size: int = 1000, tie_word_embeddings: bool = False, seed: int = 0,
-    max_shard_size: str | None = None,
+    max_shard_size: str | None = None, num_layers: int = 2,
 ) -> Path:
-    """A tiny random HF checkpoint (hidden 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192).
+    """A tiny random HF checkpoint (hidden 64, 2 layers unless told, 4 heads / 2 KV heads of 16, ffn 192).
 
     Weights are redrawn at fan-in scale and norms perturbed, so the model's outputs are peaked
     and a wrong weight mapping shows up clearly. Llama gets llama3 RoPE scaling.
@@ -30,7 +30,7 @@ def make_hf_checkpoint(
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, intermediate_size=192, tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-6,
         eos_token_id=2,
     )

@@ -30,7 +30,8 @@ so a layer is one graph forward and one backward and the compiler fuses the elem
 itself. Nothing in a layer may split the graph: `TensorMemo` makes its value inside the graph,
 and the LoRA layers pass megatron-core its tensor-parallel group (without one it warns at every
 call, which dynamo cannot trace). tests/test_fusions.py checks eager's results, tp=2, no graph
-breaks and one set of graphs for every adapter.
+breaks and one set of graphs for every adapter. Sampling does not use them: the sampler walks a
+layer's parts itself around its K/V cache (compiling those parts measured slower on CPU).
 """
 from __future__ import annotations
 

@@ -127,7 +127,10 @@ def _contiguous_logits_grad(module, args, output) -> None:
     layer as a non-contiguous [s, b, vocab] view. With a frozen weight, torch.matmul then refuses
     to fold it into one matrix product and instead expands the weight to [s, vocab, hidden] and
     runs a batched product: 57% of an 8B training step on an H100, most of a CPU step of the
-    embedded model. A gradient hook hands the layer a contiguous copy: one mm."""
+    embedded model. A gradient hook hands the layer a contiguous copy: one mm. (At tp=1 the LoRA
+    wrapper computes the frozen product itself, `LoraLinear._base`, and autograd's own matmul
+    backward folds the gradient into one mm as well; the hook matters where megatron-core's
+    layer runs.)"""
     logits = output[0]
     if torch.is_grad_enabled() and logits.requires_grad:
         logits.register_hook(torch.Tensor.contiguous)
