@@ -109,6 +109,8 @@ class LoraLinear(nn.Module):
             raise ValueError("a column-parallel LoraLinear needs B's row layout for every tp rank")
         self.b_rows_by_rank = b_rows_by_rank
         self.tp = tp_size()  # at 1 the r-wide all-reduce / copy mappings are identities: skipped
+        # the frozen base product computed here (`_base`): without bias, and column-parallel only at tp=1
+        self.own_product = base.bias is None and (self.tp == 1 or not self.column_parallel)
         self.compute_dtype = FACTOR_DTYPE  # the LoRA products' dtype (LoraManager's compute_dtype)
         self.adapters: dict[str, LoraFactors] = {}  # not registered: the model's own state stays the base
         # Set by `LoraManager.route`: the adapters of this layer that apply, each with its batch rows
@@ -224,8 +226,7 @@ class LoraLinear(nn.Module):
         compiled layer). A column-parallel layer at tp > 1 goes through megatron-core, which
         all-reduces its input's gradient."""
         weight = self.base.weight if weight is None else weight
-        if (self.base.bias is None and (self.tp == 1 or not self.column_parallel)
-                and not (weight.requires_grad and torch.is_grad_enabled())):
+        if self.own_product and not (weight.requires_grad and torch.is_grad_enabled()):
             output = torch.matmul(input_, weight.t())
             if self.tp > 1:
                 output = reduce_from_tensor_model_parallel_region(output, group=self.base.tp_group)
