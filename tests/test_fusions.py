@@ -58,10 +58,17 @@ def _worker(out_path: str, model_dir: str, batch_path: str) -> None:
         graphs = counters["stats"]["unique_graphs"]
         logprobs, grads = _train_pass(lora, model, "a", batch)
         a_new_graphs = counters["stats"]["unique_graphs"] - graphs
-        graphs = counters["stats"]["unique_graphs"]  # another adapter, same shape, other values:
-        lora.add_adapter("b", 4, 8.0, train_unembed=True, seed=7)  # compiled layers make no new graph
+        graphs = counters["stats"]["unique_graphs"]  # another adapter, same shape, other values and
+        lora.add_adapter("b", 4, 16.0, train_unembed=True, seed=7)  # scale: compiled layers make no new graph
         b_logprobs = _train_pass(lora, model, "b", batch)[0]
         b_new_graphs = counters["stats"]["unique_graphs"] - graphs
+        rank_graphs = []  # a second rank compiles once more (the rank becomes a variable), a third not
+        for name, rank in (("r8", 8), ("r2", 2)):
+            graphs = counters["stats"]["unique_graphs"]
+            lora.add_adapter(name, rank, 8.0, train_unembed=True, seed=5)
+            _train_pass(lora, model, name, batch)
+            rank_graphs.append(counters["stats"]["unique_graphs"] - graphs)
+            lora.remove_adapter(name)
         for p in lora.adapter_params("a") + lora.adapter_params("b"):
             p[1].grad = None
         with lora.route(["b", "a", None]):  # rows of different adapters (and the base) in one pass
@@ -78,7 +85,8 @@ def _worker(out_path: str, model_dir: str, batch_path: str) -> None:
         results[kernels] = {
             "logprobs": logprobs, "grads": grads, "plain": plain, "b_logprobs": b_logprobs,
             "mixed": mixed.detach(), "mixed_grads": mixed_grads, "a_new_graphs": a_new_graphs,
-            "b_new_graphs": b_new_graphs, "graph_breaks": sum(counters["graph_break"].values()),
+            "b_new_graphs": b_new_graphs, "rank_graphs": rank_graphs,
+            "graph_breaks": sum(counters["graph_break"].values()),
             "tokens": samples[0].sequences[0].tokens,
             "norm_types": sorted({type(m).__name__ for n, m in model.named_modules()
                                   if n.rpartition(".")[2] in ("input_layernorm", "pre_mlp_layernorm", "q_layernorm",
@@ -146,14 +154,15 @@ def test_compiled_kernels_give_eager_logprobs_gradients_and_samples(runs, kernel
 
 def test_compiled_layers_are_whole_graphs_shared_by_adapters(runs):
     """A compiled decoder layer is one graph (megatron-core's warnings and our TensorMemo would
-    split it), and a second adapter of the same shape reuses the first one's graphs with its
-    own factors (its logprobs differ from the first adapter's and match eager's, above)."""
+    split it), and a second adapter of the same shape and another scale reuses the first one's
+    graphs with its own factors and scale (its logprobs differ from the first adapter's and match
+    eager's, above); LoRA ranks cost one recompile in all."""
     _, _, results = runs
     layers = results["compiled_layers"]
     # 3 layers, 2 graphs (forward; backward ones are not counted here): the first layer's input
     # needs no gradient, the others' does, and the layers share the rest
     assert layers["a_new_graphs"] == 2 and results["eager"]["a_new_graphs"] == 0
-    assert layers["graph_breaks"] == 0 and layers["b_new_graphs"] == 0
+    assert layers["graph_breaks"] == 0 and layers["b_new_graphs"] == 0 and layers["rank_graphs"] == [2, 0]
     assert (layers["b_logprobs"] - layers["logprobs"]).abs().max() > 1e-2
 
 

@@ -158,10 +158,13 @@ def compile_layers(model) -> None:
     included) runs as one compiled graph forward and one backward. The layers share their graphs
     (torch.compile treats their parameters as inputs); what makes a new one is the layer's input
     needing gradients or not (the first layer's input does not), grad mode, a new shape after the
-    first (then one graph for all lengths), and the LoRA routing's structure (how many adapters a
-    batch mixes, their rank and scale), never an adapter's name (`LoraLinear._active_adapters`).
+    first (then one graph for all lengths; the same for LoRA ranks), and how many adapters a batch
+    mixes; never an adapter's name (`LoraLinear._active_adapters`) or its scale (a tensor in the graph).
     Past RECOMPILE_LIMIT graphs torch runs the layer eagerly: the same results, more slowly."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # LoRA factors are parameters, whose shapes torch.compile otherwise takes as constants: every
+    # new rank would compile the layers again; this way the second rank seen makes it a variable.
+    torch._dynamo.config.force_parameter_static_shapes = False
     for layer in model.decoder.layers:
         layer.compile()
 

@@ -78,6 +78,10 @@ class LoraFactors(nn.Module):
         self.lora_A = nn.Parameter(lora_A, requires_grad=trainable)
         self.lora_B = nn.Parameter(lora_B, requires_grad=trainable)
         self.scale = scale
+        # The same value as a tensor, for compiled layers: a Python number would be a constant of
+        # the graph, so every new alpha / rank would compile the layers again (`LoraLinear._add_up`).
+        self.register_buffer("scale_tensor", torch.tensor(scale, dtype=torch.float32, device=lora_A.device),
+                             persistent=False)
 
 
 class LoraLinear(nn.Module):
@@ -208,14 +212,23 @@ class LoraLinear(nn.Module):
         """output + scale * B h on the routed rows. When the product's dtype is the output's, one
         `addmm` (the sum in the product's epilogue, the scale as its alpha), on the routed rows
         alone when others use other adapters: a row gets the same arithmetic whatever shares its
-        batch. Else the r-wide h is scaled, multiplied, and the product cast and added."""
+        batch. Else the r-wide h is scaled, multiplied, and the product cast and added.
+        In a compiled layer the scale is a tensor, so one graph serves every alpha and rank; the
+        addmm then scales h before the product (exact for the power-of-two scales of the usual
+        alpha / rank; one rounding of h otherwise, in bf16)."""
         lora_B = factors.lora_B.to(self.compute_dtype)
+        compiling = torch.compiler.is_compiling()
         if output.dtype == self.compute_dtype:
             part = _rows(output, rows)
-            summed = torch.addmm(part.reshape(-1, part.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t(),
-                                 alpha=factors.scale).view(part.shape)
+            flat_h = h.reshape(-1, h.shape[-1])
+            flat_part = part.reshape(-1, part.shape[-1])
+            if compiling:
+                summed = torch.addmm(flat_part, factors.scale_tensor * flat_h, lora_B.t()).view(part.shape)
+            else:
+                summed = torch.addmm(flat_part, flat_h, lora_B.t(), alpha=factors.scale).view(part.shape)
             return summed if rows is None else output.index_copy(1, rows, summed)
-        return _add_rows(output, rows, (factors.scale * h) @ lora_B.t())
+        scaled = (factors.scale_tensor if compiling else factors.scale) * h
+        return _add_rows(output, rows, scaled @ lora_B.t())
 
     def _base(self, input_: torch.Tensor, weight: torch.Tensor | None = None, **kwargs):
         """The base layer. With its weight frozen and no bias, the product is done here (with the
