@@ -47,7 +47,7 @@ class Config:
     recompute: str = "none"  # activation recomputation: none, selective (attention core) or full (whole layers)
     lora_compute: str = "float32"  # LoRA products in float32, or in the base weights' dtype ("base")
     # RMSNorm / RoPE / SwiGLU eager, or compiled into one fused kernel each ("compiled"), or every
-    # decoder layer compiled whole, LoRA included ("compiled_layers"; not with recompute)
+    # decoder layer compiled whole, LoRA included ("compiled_layers")
     kernels: str = "eager"
     # while a sampling batch decodes, the share of the worker's time the operations that arrive
     # meanwhile (training, checkpoints) may take between its decode steps; 0: they wait for its end
@@ -80,9 +80,6 @@ class Config:
             raise ValueError(f"TINKERCLOUD_SAMPLE_GATHER_MS must be between 0 and 1000, got {self.sample_gather_ms}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"TINKERCLOUD_RECOMPUTE must be one of {RECOMPUTE}, got {self.recompute!r}")
-        if self.kernels == "compiled_layers" and self.recompute != "none":
-            raise ValueError("TINKERCLOUD_KERNELS=compiled_layers does not combine with TINKERCLOUD_RECOMPUTE "
-                             f"(got {self.recompute!r}): use compiled kernels, or no recomputation")
         for key in self.api_keys:
             if not key.startswith(("tml-", "eyJ")):
                 raise ValueError(f"API key {key[:6]!r}... must start with 'tml-': the tinker SDK refuses others")
@@ -149,7 +146,7 @@ class Config:
         p.add_argument("--kernels", choices=KERNELS,
                        help="RMSNorm, RoPE and SwiGLU as PyTorch's small kernels (eager, the default), "
                             "torch.compile'd into one fused kernel each (compiled), or each decoder layer compiled "
-                            "whole, LoRA included (compiled_layers: fewest kernel launches; not with --recompute)")
+                            "whole, LoRA included (compiled_layers: fewest kernel launches)")
         p.add_argument("--interleave-share", type=float,
                        help="while a sampling batch decodes, the share of the worker's time other operations may "
                             "take between its decode steps (0..1, default 0.5; 0: they wait for the batch to end)")

@@ -49,8 +49,6 @@ def test_bad_configuration_is_refused_with_a_reason(tmp_path):
         Config(lora_compute="fp8")
     with pytest.raises(ValueError, match="TINKERCLOUD_KERNELS"):
         Config(kernels="fast")
-    with pytest.raises(ValueError, match="compiled_layers does not combine with TINKERCLOUD_RECOMPUTE"):
-        Config(kernels="compiled_layers", recompute="selective")
     with pytest.raises(ValueError, match="TINKERCLOUD_INTERLEAVE_SHARE must be between 0 and 1"):
         Config(interleave_share=1.5)
     with pytest.raises(ValueError, match="TINKERCLOUD_SAMPLE_GATHER_MS"):

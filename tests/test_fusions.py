@@ -94,6 +94,15 @@ def _worker(out_path: str, model_dir: str, batch_path: str) -> None:
             "swiglu_fused": model.config.bias_activation_fusion,
             "compiled_rope_made": fusions._compiled_rope_bshd is not None,
         }
+    for kernels in ("eager", "compiled_layers"):  # whole layers recomputed in backward
+        model = build_model(model_dir, device, recompute="full", kernels=kernels)
+        lora = LoraManager(model)
+        lora.add_adapter("a", 4, 8.0, train_unembed=True, seed=0)
+        breaks = sum(counters["graph_break"].values())
+        results[f"{kernels}_recompute"] = (*_train_pass(lora, model, "a", batch),
+                                           sum(counters["graph_break"].values()) - breaks,
+                                           all(getattr(layer, "_compiled_call_impl", None) is not None
+                                               for layer in model.decoder.layers))
     for kernels in ("eager", "compiled"):  # bf16 activations and norm weights, as on a GPU
         model = build_model(model_dir, device, torch.bfloat16, kernels=kernels)
         norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
@@ -164,6 +173,20 @@ def test_compiled_layers_are_whole_graphs_shared_by_adapters(runs):
     assert layers["a_new_graphs"] == 2 and results["eager"]["a_new_graphs"] == 0
     assert layers["graph_breaks"] == 0 and layers["b_new_graphs"] == 0 and layers["rank_graphs"] == [2, 0]
     assert (layers["b_logprobs"] - layers["logprobs"]).abs().max() > 1e-2
+
+
+def test_compiled_layers_with_full_recomputation(runs):
+    """Recomputed whole in backward (megatron-core's checkpoint around each layer), a compiled
+    layer stays one graph and gives eager's logprobs and adapter gradients."""
+    _, _, results = runs
+    eager_lp, eager_grads, _, eager_compiled = results["eager_recompute"]
+    layers_lp, layers_grads, breaks, layers_compiled = results["compiled_layers_recompute"]
+    assert layers_compiled and not eager_compiled and breaks == 0
+    assert (eager_lp - layers_lp).abs().max() < 1e-5
+    assert (eager_lp - results["eager"]["logprobs"]).abs().max() < 1e-5  # recomputation changes nothing
+    for name, g in eager_grads.items():
+        assert g.abs().max() > 0, name
+        assert (g - layers_grads[name]).abs().max() <= 1e-5 * max(1.0, g.abs().max()), name
 
 
 def test_compiled_kernels_in_bf16_are_as_close_to_float32_as_eager_bf16(runs):

@@ -160,6 +160,8 @@ def compile_layers(model) -> None:
     needing gradients or not (the first layer's input does not), grad mode, a new shape after the
     first (then one graph for all lengths; the same for LoRA ranks), and how many adapters a batch
     mixes; never an adapter's name (`LoraLinear._active_adapters`) or its scale (a tensor in the graph).
+    With `recompute="full"` a layer stays one graph (recomputed whole); "selective" recomputes the
+    attention core through megatron-core's checkpoint inside the layer, which splits its graph.
     Past RECOMPILE_LIMIT graphs torch runs the layer eagerly: the same results, more slowly."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # LoRA factors are parameters, whose shapes torch.compile otherwise takes as constants: every

@@ -79,8 +79,6 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention
     check_kernels(kernels, device)
-    if kernels == "compiled_layers" and recompute != "none":
-        raise ValueError("compiled_layers kernels do not combine with activation recomputation")
     route_rope()
     if kernels == "compiled":
         compile_layer_spec(spec, config)
