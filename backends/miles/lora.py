@@ -217,18 +217,15 @@ class LoraLinear(nn.Module):
         addmm then scales h before the product (exact for the power-of-two scales of the usual
         alpha / rank; one rounding of h otherwise, in bf16)."""
         lora_B = factors.lora_B.to(self.compute_dtype)
-        compiling = torch.compiler.is_compiling()
+        scale = factors.scale_tensor if torch.compiler.is_compiling() else factors.scale
         if output.dtype == self.compute_dtype:
             part = _rows(output, rows)
-            flat_h = h.reshape(-1, h.shape[-1])
-            flat_part = part.reshape(-1, part.shape[-1])
-            if compiling:
-                summed = torch.addmm(flat_part, factors.scale_tensor * flat_h, lora_B.t()).view(part.shape)
-            else:
-                summed = torch.addmm(flat_part, flat_h, lora_B.t(), alpha=factors.scale).view(part.shape)
+            flat_h, alpha = h.reshape(-1, h.shape[-1]), scale
+            if isinstance(scale, torch.Tensor):  # addmm's alpha takes a number only
+                flat_h, alpha = scale * flat_h, 1.0
+            summed = torch.addmm(part.reshape(-1, part.shape[-1]), flat_h, lora_B.t(), alpha=alpha).view(part.shape)
             return summed if rows is None else output.index_copy(1, rows, summed)
-        scaled = (factors.scale_tensor if compiling else factors.scale) * h
-        return _add_rows(output, rows, scaled @ lora_B.t())
+        return _add_rows(output, rows, (scale * h) @ lora_B.t())
 
     def _base(self, input_: torch.Tensor, weight: torch.Tensor | None = None, **kwargs):
         """The base layer. With its weight frozen and no bias, the product is done here (with the
