@@ -28,6 +28,7 @@ from backends.common.optimizer import MOMENT_KINDS, AdapterOptimizer
 from backends.miles.hf_checkpoint import read_hf_config
 from backends.miles.lora import LoraManager
 from backends.miles.model import ModelInfo, build_model
+from backends.miles.packed_weights import pack_frozen_weights
 from backends.miles import packing, schedule
 from backends.miles.parallel import (ParallelDims, Share, data_parallel_share, dp_group, dp_rank, dp_size, first_failure,
                                      from_rank_0, gather_shares, init_distributed, leads_replica, least_over_ranks,
@@ -56,6 +57,8 @@ MICROBATCH_MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
 # What must be free beside a running sampling batch, as a share of the memory free at start-up,
 # before an operation runs between its decode steps (it then plans within what is free).
 ROOM_MEMORY_SHARE = 0.25
+# The most of a CPU worker's free memory that packed copies of the sampler's weights may take.
+PACKED_WEIGHTS_MEMORY_SHARE = 0.125
 LOGITS_BYTES = 12  # per logit entry: fp32 logits, their log-softmax and its gradient
 MIN_MICROBATCH_LOGITS = 1 << 27  # never fewer logits (rows x width x local vocab) per micro-batch
 
@@ -117,6 +120,8 @@ class MilesBackend(TrainingBackend):
         self.saved: OrderedDict[str, _Base] = OrderedDict()
         self.loaded: OrderedDict[str, _Base] = OrderedDict()
         self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
+        if self.device.type == "cpu":
+            self._pack_sampler_weights()
         # Every rank must cut a batch into the same micro-batches: plan from the least free memory.
         self.memory_share = MICROBATCH_MEMORY_SHARE.get(self.device.type, MICROBATCH_MEMORY_SHARE["cpu"])
         free_at_start = least_over_ranks(free_memory(self.device), self.device)
@@ -127,6 +132,17 @@ class MilesBackend(TrainingBackend):
         # counted when they join, let go when their rows are done (`_let_go`).
         self._in_use: Counter[str] = Counter()
         self._drop_when_unused: dict[str, _Base] = {}  # snapshots forgotten while rows still used them
+
+    def _pack_sampler_weights(self) -> None:
+        """On CPU, the sampler's frozen weights a second time in oneDNN's layout (`packed_weights`),
+        within PACKED_WEIGHTS_MEMORY_SHARE of the least memory free over ranks."""
+        budget = int(least_over_ranks(free_memory(self.device), self.device) * PACKED_WEIGHTS_MEMORY_SHARE)
+        for base in self.bases.values():
+            used = pack_frozen_weights(base.lora, budget)
+            budget -= used
+            if is_global_rank_0():
+                log.info("%s: %.1f MB of frozen weights packed for the sampler's oneDNN products",
+                         base.name, used / 2**20)
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {

@@ -57,6 +57,7 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
+from backends.miles import packed_weights
 from backends.miles.hf_checkpoint import gate_up_shard, qkv_shard
 from backends.miles.parallel import merge_over_stages, pp_size, tp_rank, tp_size
 
@@ -116,6 +117,8 @@ class LoraLinear(nn.Module):
         # the frozen base product computed here (`_base`): without bias, and column-parallel only at tp=1
         self.own_product = base.bias is None and (self.tp == 1 or not self.column_parallel)
         self.compute_dtype = FACTOR_DTYPE  # the LoRA products' dtype (LoraManager's compute_dtype)
+        # (the frozen weight, its oneDNN-packed copy), for the sampler's products on CPU: `packed_weights`
+        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.adapters: dict[str, LoraFactors] = {}  # not registered: the model's own state stays the base
         # Set by `LoraManager.route`: the adapters of this layer that apply, each with its batch rows
         # (None: all), and the batch size the routing was made for (None: any).
@@ -237,7 +240,12 @@ class LoraLinear(nn.Module):
         all-reduces its input's gradient."""
         weight = self.base.weight if weight is None else weight
         if self.own_product and not (weight.requires_grad and torch.is_grad_enabled()):
-            output = torch.matmul(input_, weight.t())
+            packed = self.packed
+            if (packed is not None and packed[0] is weight and not torch.compiler.is_compiling()
+                    and torch.is_inference_mode_enabled()):  # the sampler: `packed_weights`
+                output = packed_weights.linear(input_, packed[1])
+            else:
+                output = torch.matmul(input_, weight.t())
             if self.tp > 1:
                 output = reduce_from_tensor_model_parallel_region(output, group=self.base.tp_group)
             return output, None

@@ -1,0 +1,63 @@
+"""The frozen base weights a second time, in oneDNN's blocked layout, for the sampler on CPU.
+
+Why: a decode step multiplies a few rows (one per sample) by every weight of the model. MKL's
+`torch.matmul` repacks the weight on each such call; with a model's weights cycling through the
+caches that made the base products about half of a CPU decode step. oneDNN's linear on a weight
+packed once runs the same products in 0.5-0.7 of the time (BENCHMARKS.md, finding 13), and it
+gives each row the same bits whatever the number of rows beside it, where MKL's small-row paths
+(1, 2, 9 rows, ...) round differently: a sampled row no longer depends on its batch mates even
+in the last bit.
+
+What: `pack_frozen_weights(lora, budget_bytes)` gives every LoRA-wrapped linear that computes its
+frozen base product itself (`LoraLinear.own_product`) a packed copy of that weight, while the
+copies fit in `budget_bytes`; `LoraLinear._base` uses it inside `torch.inference_mode` (the
+sampler: prefill, decode and prompt scoring) and the plain weight everywhere else, so training,
+`forward` and their gradients keep every number they had. The copies match `torch.matmul` to
+float rounding (the same products summed in another order). CPU float32 and, where the CPU has
+bfloat16 instructions, bfloat16 weights only; elsewhere nothing is packed.
+"""
+from __future__ import annotations
+
+import torch
+
+# The row count oneDNN is told to expect when packing: a hint for its layout; the results are the
+# same bits for any row count (tests/test_packed_weights.py).
+_PACK_ROWS_HINT = 8
+
+
+def supported(weight: torch.Tensor) -> bool:
+    """Whether this weight can be packed for oneDNN's CPU linear."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] in oneDNN's layout (an opaque tensor: only `linear` reads it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight.t() for the weight that `packed` was made from."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def pack_frozen_weights(lora, budget_bytes: int) -> int:
+    """Pack the frozen weight of each layer of `lora` (a `LoraManager`) whose base product it
+    computes itself, in layer order, while the copies fit in `budget_bytes`; returns the bytes
+    packed (0 on GPUs, for other dtypes, or when nothing fits)."""
+    model = lora.model
+    used = 0
+    for module in lora.modules.values():
+        # a tied output layer has no weight of its own: the sampler hands it the embedding's
+        weight = module.base.weight if module.base.weight is not None else model.shared_embedding_or_output_weight()
+        if not module.own_product or weight is None or not supported(weight):
+            continue
+        size = weight.numel() * weight.element_size()
+        if used + size > budget_bytes:
+            break
+        module.packed = (weight, pack(weight))
+        used += size
+    return used

@@ -1,0 +1,162 @@
+"""The sampler's oneDNN-packed frozen weights (backends/miles/packed_weights.py).
+
+The products themselves are checked in this process (plain torch). The model-level checks run a
+real megatron-core model of a tiny Qwen3 checkpoint in a worker process (this file is its script):
+packing leaves every training number bit for bit as it was and is never used there, the sampler
+uses it and keeps its tokens and (to float rounding) its logprobs, a row's numbers no longer depend
+on how many rows share its batch, and the memory budget is kept.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mcore_harness import make_hf_checkpoint, run_workers
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _dtype_or_skip(name: str):
+    import torch
+
+    from backends.miles import packed_weights
+
+    dtype = getattr(torch, name)
+    if not packed_weights.supported(torch.empty(1, 1, dtype=dtype)):
+        pytest.skip(f"this CPU has no oneDNN {name} linear")
+    return dtype
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_packed_products_match_matmul_and_ignore_the_row_count(dtype_name):
+    import torch
+
+    from backends.miles import packed_weights
+
+    dtype = _dtype_or_skip(dtype_name)
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out in ((256, 512), (256, 1536), (768, 256), (64, 1000)):
+        weight = torch.randn(n_out, n_in, generator=g).to(dtype)
+        x = torch.randn(40, n_in, generator=g).to(dtype)
+        packed = packed_weights.pack(weight)
+        full = packed_weights.linear(x, packed)
+        want = torch.matmul(x.float(), weight.float().t())
+        if dtype == torch.float32:  # the same products summed in another order
+            torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-4)
+        else:  # float32 sums rounded once to bfloat16 (half a spacing: 1/256 of the value)
+            torch.testing.assert_close(full.float(), want, rtol=4e-3, atol=1e-2)
+        # MKL's matmul rounds a row differently with 1, 2 or 9 rows beside it; oneDNN does not
+        for rows in range(1, 40):
+            assert torch.equal(packed_weights.linear(x[:rows], packed), full[:rows]), (n_in, n_out, rows)
+        batched = packed_weights.linear(x.view(8, 5, n_in).transpose(0, 1), packed)  # [s, b, in], strided
+        assert torch.equal(batched, full.view(8, 5, n_out).transpose(0, 1))
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("packed")
+    model_dir = make_hf_checkpoint(tmp / "qwen3", "qwen3", tie_word_embeddings=True)
+    out = tmp / "result.json"
+    run_workers(Path(__file__), 1, str(out), str(model_dir))
+    return json.loads(out.read_text())
+
+
+def test_training_keeps_every_bit_and_never_uses_the_packed_weights(model_run):
+    assert model_run["packed_modules"] == model_run["wrapped_modules"] > 0
+    assert model_run["train_bitwise_equal"]
+    assert model_run["packed_calls_in_training"] == 0
+
+
+def test_the_sampler_uses_them_with_the_same_tokens(model_run):
+    assert model_run["packed_calls_in_sampling"] > 0
+    assert model_run["tokens_equal"]
+    assert model_run["max_logprob_diff"] < 1e-4  # float rounding of another summation order
+
+
+def test_a_row_gets_the_same_bits_beside_any_number_of_rows(model_run):
+    # base-model rows (LoRA products still run on MKL) alone, with 1 and with 8 batch mates
+    assert model_run["rows_invariant_packed"]
+
+
+def test_packing_keeps_to_its_budget(model_run):
+    budget = model_run["budget"]
+    assert 0 < model_run["budget_used"] <= budget
+    assert 0 < model_run["budget_packed_modules"] < model_run["wrapped_modules"]
+
+
+# ---------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------
+def _worker(out_path: str, model_dir: str) -> None:
+    import torch
+
+    from backends.miles import packed_weights
+    from backends.miles.lora import LoraManager
+    from backends.miles.model import build_model, token_logprobs
+    from backends.miles.sampler import SampleSpec, generate
+    from tests.mcore_harness import init_worker
+
+    device = init_worker()
+    model = build_model(model_dir, device, torch.float32)
+    lora = LoraManager(model)
+    lora.add_adapter("a", 4, 8.0, train_unembed=True, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in lora.modules.values():
+            factors = module.adapters["a"]
+            factors.lora_B.copy_(torch.randn(factors.lora_B.shape, generator=g) * 0.1)
+    lora.clone_adapter("a", "snap")
+    params = [p for _, p, _ in lora.adapter_params("a")]
+    tokens = torch.randint(4, 1000, (2, 12), generator=g)
+
+    def train_numbers():
+        for p in params:
+            p.grad = None
+        with lora.route(["a", "a"]):
+            lp = token_logprobs(model, tokens[:, :-1], tokens[:, 1:])
+            lp.sum().backward()
+        return [lp.detach().clone()] + [p.grad.clone() for p in params]
+
+    def sample(prompts, adapter, temperature=1.0):
+        specs = [SampleSpec(prompt=p, max_tokens=6, temperature=temperature, seed=7, adapter=adapter) for p in prompts]
+        return [(r.sequences[0].tokens, r.sequences[0].logprobs) for r in generate(model, specs, route=lora.route)]
+
+    prompts = [torch.randint(4, 1000, (9,), generator=g).tolist() for _ in range(9)]
+    train_before = train_numbers()
+    unpacked = sample(prompts[:3], "snap") + sample(prompts[:3], None, temperature=0.0)
+
+    calls = {"n": 0}
+    linear = packed_weights.linear
+
+    def counted(x, packed):
+        calls["n"] += 1
+        return linear(x, packed)
+
+    packed_weights.linear = counted
+    result = {"wrapped_modules": len(lora.modules),
+              "packed_modules": 0}
+    packed_weights.pack_frozen_weights(lora, 1 << 40)
+    result["packed_modules"] = sum(m.packed is not None for m in lora.modules.values())
+    train_after = train_numbers()
+    result["train_bitwise_equal"] = all(torch.equal(a, b) for a, b in zip(train_before, train_after))
+    result["packed_calls_in_training"] = calls["n"]
+    packed = sample(prompts[:3], "snap") + sample(prompts[:3], None, temperature=0.0)
+    result["packed_calls_in_sampling"] = calls["n"]
+    result["tokens_equal"] = [t for t, _ in packed] == [t for t, _ in unpacked]
+    result["max_logprob_diff"] = max(abs(x - y) for (_, a), (_, b) in zip(packed, unpacked) for x, y in zip(a, b))
+    alone = sample(prompts[:1], None)
+    result["rows_invariant_packed"] = all(sample(prompts[:n], None)[0] == alone[0] for n in (2, 9))
+
+    for module in lora.modules.values():
+        module.packed = None
+    budget = result["budget"] = 3 * 64 * 64 * 4  # a few of the 64-wide layers' weights
+    result["budget_used"] = packed_weights.pack_frozen_weights(lora, budget)
+    result["budget_packed_modules"] = sum(m.packed is not None for m in lora.modules.values())
+    Path(out_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
