@@ -77,8 +77,9 @@ def test_the_sampler_uses_them_with_the_same_tokens(model_run):
 
 
 def test_a_row_gets_the_same_bits_beside_any_number_of_rows(model_run):
-    # base-model rows (LoRA products still run on MKL) alone, with 1 and with 8 batch mates
-    assert model_run["rows_invariant_packed"]
+    # a base-model row and an adapter's row: alone, with 1 and with 8 batch mates of the same
+    # adapter, and with 8 of others (the LoRA products then run on the routed rows only)
+    assert model_run["rows_invariant_packed"] == {"None": [True] * 3, "snap": [True] * 3}
 
 
 def test_packing_keeps_to_its_budget(model_run):
@@ -121,7 +122,9 @@ def _worker(out_path: str, model_dir: str) -> None:
         return [lp.detach().clone()] + [p.grad.clone() for p in params]
 
     def sample(prompts, adapter, temperature=1.0):
-        specs = [SampleSpec(prompt=p, max_tokens=6, temperature=temperature, seed=7, adapter=adapter) for p in prompts]
+        adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        specs = [SampleSpec(prompt=p, max_tokens=6, temperature=temperature, seed=7, adapter=a)
+                 for p, a in zip(prompts, adapters)]
         return [(r.sequences[0].tokens, r.sequences[0].logprobs) for r in generate(model, specs, route=lora.route)]
 
     prompts = [torch.randint(4, 1000, (9,), generator=g).tolist() for _ in range(9)]
@@ -147,8 +150,13 @@ def _worker(out_path: str, model_dir: str) -> None:
     result["packed_calls_in_sampling"] = calls["n"]
     result["tokens_equal"] = [t for t, _ in packed] == [t for t, _ in unpacked]
     result["max_logprob_diff"] = max(abs(x - y) for (_, a), (_, b) in zip(packed, unpacked) for x, y in zip(a, b))
-    alone = sample(prompts[:1], None)
-    result["rows_invariant_packed"] = all(sample(prompts[:n], None)[0] == alone[0] for n in (2, 9))
+    result["rows_invariant_packed"] = {}
+    for adapter in (None, "snap"):
+        alone = sample(prompts[:1], adapter)[0]
+        mixed = [adapter] + [None, "a", "snap"] * 3  # rows of other adapters: the routed products
+        result["rows_invariant_packed"][str(adapter)] = [
+            sample(prompts[:2], adapter)[0] == alone, sample(prompts[:9], adapter)[0] == alone,
+            sample(prompts[:9], mixed[:9])[0] == alone]
 
     for module in lora.modules.values():
         module.packed = None

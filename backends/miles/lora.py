@@ -83,6 +83,15 @@ class LoraFactors(nn.Module):
         # the graph, so every new alpha / rank would compile the layers again (`LoraLinear._add_up`).
         self.register_buffer("scale_tensor", torch.tensor(scale, dtype=torch.float32, device=lora_A.device),
                              persistent=False)
+        self._packed: tuple | None = None  # ((A's, B's version), A packed, B packed): `packed`
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in oneDNN's layout for the sampler's products (`packed_weights`), made at first
+        use and again whenever a factor was changed in place since."""
+        versions = (self.lora_A._version, self.lora_B._version)
+        if self._packed is None or self._packed[0] != versions:
+            self._packed = (versions, packed_weights.pack(self.lora_A), packed_weights.pack(self.lora_B))
+        return self._packed[1], self._packed[2]
 
 
 class LoraLinear(nn.Module):
@@ -208,7 +217,10 @@ class LoraLinear(nn.Module):
 
     def _down(self, input_: torch.Tensor, rows: torch.Tensor | None, factors: LoraFactors) -> torch.Tensor:
         """A x for the routed rows, in `compute_dtype` (the factors stay float32; a cast is a no-op then)."""
-        return _rows(input_, rows).to(self.compute_dtype) @ factors.lora_A.to(self.compute_dtype).t()
+        x = _rows(input_, rows)
+        if self._samples_packed(x, FACTOR_DTYPE):
+            return packed_weights.linear(x, factors.packed()[0])
+        return x.to(self.compute_dtype) @ factors.lora_A.to(self.compute_dtype).t()
 
     def _add_up(self, output: torch.Tensor, rows: torch.Tensor | None, h: torch.Tensor,
                 factors: LoraFactors) -> torch.Tensor:
@@ -218,7 +230,12 @@ class LoraLinear(nn.Module):
         batch. Else the r-wide h is scaled, multiplied, and the product cast and added.
         In a compiled layer the scale is a tensor, so one graph serves every alpha and rank; the
         addmm then scales h before the product (exact for the power-of-two scales of the usual
-        alpha / rank; one rounding of h otherwise, in bf16)."""
+        alpha / rank; one rounding of h otherwise, in bf16). In the sampler of a float32 model with
+        packed weights (`_samples_packed`), B h on oneDNN then the scaled sum: the same formula, and
+        a row's bits whatever its batch mates."""
+        if self._samples_packed(h, FACTOR_DTYPE) and output.dtype == FACTOR_DTYPE:  # the sampler
+            summed = torch.add(_rows(output, rows), packed_weights.linear(h, factors.packed()[1]), alpha=factors.scale)
+            return summed if rows is None else output.index_copy(1, rows, summed)
         lora_B = factors.lora_B.to(self.compute_dtype)
         scale = factors.scale_tensor if torch.compiler.is_compiling() else factors.scale
         if output.dtype == self.compute_dtype:
@@ -240,16 +257,22 @@ class LoraLinear(nn.Module):
         all-reduces its input's gradient."""
         weight = self.base.weight if weight is None else weight
         if self.own_product and not (weight.requires_grad and torch.is_grad_enabled()):
-            packed = self.packed
-            if (packed is not None and packed[0] is weight and not torch.compiler.is_compiling()
-                    and torch.is_inference_mode_enabled()):  # the sampler: `packed_weights`
-                output = packed_weights.linear(input_, packed[1])
+            if self._samples_packed(input_, weight.dtype) and self.packed[0] is weight:  # the sampler
+                output = packed_weights.linear(input_, self.packed[1])
             else:
                 output = torch.matmul(input_, weight.t())
             if self.tp > 1:
                 output = reduce_from_tensor_model_parallel_region(output, group=self.base.tp_group)
             return output, None
         return self.base(input_, weight, **kwargs) if self.column_parallel else self.base(input_)
+
+    def _samples_packed(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether a product of `x` with a weight of `dtype` runs on oneDNN's packed weights: in the
+        sampler (inference mode, never in a compiled graph), in a layer whose base weight was packed
+        (`packed_weights`), when `x` is in that dtype (so LoRA factors only in float32 models: their
+        products are float32 there, with no cast)."""
+        return (self.packed is not None and x.dtype == dtype and not torch.compiler.is_compiling()
+                and torch.is_inference_mode_enabled())
 
     def _active_adapters(self, input_: torch.Tensor) -> list[tuple[LoraFactors, torch.Tensor | None]]:
         if self.routing is None:
