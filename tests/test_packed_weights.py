@@ -55,6 +55,25 @@ def test_packed_products_match_matmul_and_ignore_the_row_count(dtype_name):
         assert torch.equal(batched, full.view(8, 5, n_out).transpose(0, 1))
 
 
+def test_a_frozen_adapter_made_inside_inference_mode_packs():
+    # a snapshot read from disk while a sampling batch runs is made inside inference mode
+    import torch
+
+    from backends.miles import packed_weights
+    from backends.miles.lora import LoraFactors
+
+    _dtype_or_skip("float32")
+    with torch.inference_mode():
+        factors = LoraFactors(torch.randn(4, 64), torch.randn(32, 4), 2.0, trainable=False)
+        a, b = factors.packed()
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(packed_weights.linear(packed_weights.linear(x, a), b),
+                                   x @ factors.lora_A.t() @ factors.lora_B.t())
+    assert factors.packed()[0] is a  # made once
+    with pytest.raises(ValueError, match="frozen"):
+        LoraFactors(torch.randn(4, 64), torch.randn(32, 4), 2.0, trainable=True).packed()
+
+
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packed")
@@ -72,6 +91,9 @@ def test_training_keeps_every_bit_and_never_uses_the_packed_weights(model_run):
 
 def test_the_sampler_uses_them_with_the_same_tokens(model_run):
     assert model_run["packed_calls_in_sampling"] > 0
+    # a snapshot's factors are packed at their first use; a trainable adapter's never (they change)
+    assert model_run["factors_packed"] == {"a": False, "snap": True}
+    assert model_run["inference_made_snapshot_same"]
     assert model_run["tokens_equal"]
     assert model_run["max_logprob_diff"] < 1e-4  # float rounding of another summation order
 
@@ -148,6 +170,12 @@ def _worker(out_path: str, model_dir: str) -> None:
     result["packed_calls_in_training"] = calls["n"]
     packed = sample(prompts[:3], "snap") + sample(prompts[:3], None, temperature=0.0)
     result["packed_calls_in_sampling"] = calls["n"]
+    sample(prompts[:1], "a")
+    with torch.inference_mode():  # as a snapshot read from disk for a request joining a running batch
+        lora.clone_adapter("snap", "read_mid_batch")
+    result["inference_made_snapshot_same"] = sample(prompts[:3], "read_mid_batch") == sample(prompts[:3], "snap")
+    some_layer = next(iter(lora.modules.values()))
+    result["factors_packed"] = {name: some_layer.adapters[name]._packed is not None for name in ("a", "snap")}
     result["tokens_equal"] = [t for t, _ in packed] == [t for t, _ in unpacked]
     result["max_logprob_diff"] = max(abs(x - y) for (_, a), (_, b) in zip(packed, unpacked) for x, y in zip(a, b))
     result["rows_invariant_packed"] = {}

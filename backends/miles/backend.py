@@ -141,8 +141,9 @@ class MilesBackend(TrainingBackend):
             used = pack_frozen_weights(base.lora, budget)
             budget -= used
             if is_global_rank_0():
-                log.info("%s: %.1f MB of frozen weights packed for the sampler's oneDNN products",
-                         base.name, used / 2**20)
+                packed = sum(m.packed is not None for m in base.lora.modules.values())
+                log.info("%s: %d of %d wrapped layers' frozen weights (%.1f MB) packed for the sampler's oneDNN "
+                         "products", base.name, packed, len(base.lora.modules), used / 2**20)
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {

@@ -83,15 +83,17 @@ class LoraFactors(nn.Module):
         # the graph, so every new alpha / rank would compile the layers again (`LoraLinear._add_up`).
         self.register_buffer("scale_tensor", torch.tensor(scale, dtype=torch.float32, device=lora_A.device),
                              persistent=False)
-        self._packed: tuple | None = None  # ((A's, B's version), A packed, B packed): `packed`
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # A and B for the sampler: `packed`
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B in oneDNN's layout for the sampler's products (`packed_weights`), made at first
-        use and again whenever a factor was changed in place since."""
-        versions = (self.lora_A._version, self.lora_B._version)
-        if self._packed is None or self._packed[0] != versions:
-            self._packed = (versions, packed_weights.pack(self.lora_A), packed_weights.pack(self.lora_B))
-        return self._packed[1], self._packed[2]
+        """A and B of a frozen adapter in oneDNN's layout for the sampler's products
+        (`packed_weights`), made at first use. Only for frozen factors (sampler snapshots): nothing
+        changes them in place, where a trainable adapter's change at every optimizer step."""
+        if self.lora_A.requires_grad:
+            raise ValueError("only a frozen adapter's factors are packed")
+        if self._packed is None:
+            self._packed = (packed_weights.pack(self.lora_A), packed_weights.pack(self.lora_B))
+        return self._packed
 
 
 class LoraLinear(nn.Module):
@@ -218,7 +220,7 @@ class LoraLinear(nn.Module):
     def _down(self, input_: torch.Tensor, rows: torch.Tensor | None, factors: LoraFactors) -> torch.Tensor:
         """A x for the routed rows, in `compute_dtype` (the factors stay float32; a cast is a no-op then)."""
         x = _rows(input_, rows)
-        if self._samples_packed(x, FACTOR_DTYPE):
+        if self._samples_packed(x, FACTOR_DTYPE) and not factors.lora_A.requires_grad:
             return packed_weights.linear(x, factors.packed()[0])
         return x.to(self.compute_dtype) @ factors.lora_A.to(self.compute_dtype).t()
 
@@ -231,9 +233,10 @@ class LoraLinear(nn.Module):
         In a compiled layer the scale is a tensor, so one graph serves every alpha and rank; the
         addmm then scales h before the product (exact for the power-of-two scales of the usual
         alpha / rank; one rounding of h otherwise, in bf16). In the sampler of a float32 model with
-        packed weights (`_samples_packed`), B h on oneDNN then the scaled sum: the same formula, and
-        a row's bits whatever its batch mates."""
-        if self._samples_packed(h, FACTOR_DTYPE) and output.dtype == FACTOR_DTYPE:  # the sampler
+        packed weights (`_samples_packed`) and a frozen adapter, B h on oneDNN then the scaled sum:
+        the same formula, and a row's bits whatever its batch mates."""
+        if (self._samples_packed(h, FACTOR_DTYPE) and output.dtype == FACTOR_DTYPE
+                and not factors.lora_B.requires_grad):  # the sampler, a frozen adapter
             summed = torch.add(_rows(output, rows), packed_weights.linear(h, factors.packed()[1]), alpha=factors.scale)
             return summed if rows is None else output.index_copy(1, rows, summed)
         lora_B = factors.lora_B.to(self.compute_dtype)
@@ -269,8 +272,8 @@ class LoraLinear(nn.Module):
     def _samples_packed(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether a product of `x` with a weight of `dtype` runs on oneDNN's packed weights: in the
         sampler (inference mode, never in a compiled graph), in a layer whose base weight was packed
-        (`packed_weights`), when `x` is in that dtype (so LoRA factors only in float32 models: their
-        products are float32 there, with no cast)."""
+        (`packed_weights`), when `x` is in that dtype (so the LoRA factors of frozen adapters only in
+        float32 models: their products are float32 there, with no cast)."""
         return (self.packed is not None and x.dtype == dtype and not torch.compiler.is_compiling()
                 and torch.is_inference_mode_enabled())
 

@@ -12,9 +12,14 @@ What: `pack_frozen_weights(lora, budget_bytes)` gives every LoRA-wrapped linear 
 frozen base product itself (`LoraLinear.own_product`) a packed copy of that weight, while the
 copies fit in `budget_bytes`; `LoraLinear._base` uses it inside `torch.inference_mode` (the
 sampler: prefill, decode and prompt scoring) and the plain weight everywhere else, so training,
-`forward` and their gradients keep every number they had. The copies match `torch.matmul` to
-float rounding (the same products summed in another order). CPU float32 and, where the CPU has
-bfloat16 instructions, bfloat16 weights only; elsewhere nothing is packed.
+`forward` and their gradients keep every number they had. In float32 models the frozen LoRA
+factors (sampler snapshots) of those layers go the same way (`LoraFactors.packed`, made at their
+first use in the sampler), so when every layer was packed no product of a sampled row depends on
+its batch mates. Not so where a layer stayed on MKL: past the budget (the layers are packed in
+order, the output layer last), the float32 LoRA products of a bfloat16 model, column-parallel
+layers at tp > 1 (megatron-core computes those), and adapters sampled while trainable. The copies
+match `torch.matmul` to float rounding (the same products summed in another order). CPU float32
+and, where the CPU has bfloat16 instructions, bfloat16 weights only; elsewhere nothing is packed.
 """
 from __future__ import annotations
 
