@@ -88,7 +88,7 @@ class LoraFactors(nn.Module):
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of a frozen adapter in oneDNN's layout for the sampler's products
         (`packed_weights`), made at first use. Only for frozen factors (sampler snapshots): nothing
-        changes them in place, where a trainable adapter's change at every optimizer step."""
+        changes them in place, whereas a trainable adapter's factors change at every optimizer step."""
         if self.lora_A.requires_grad:
             raise ValueError("only a frozen adapter's factors are packed")
         if self._packed is None:
@@ -220,7 +220,7 @@ class LoraLinear(nn.Module):
     def _down(self, input_: torch.Tensor, rows: torch.Tensor | None, factors: LoraFactors) -> torch.Tensor:
         """A x for the routed rows, in `compute_dtype` (the factors stay float32; a cast is a no-op then)."""
         x = _rows(input_, rows)
-        if self._samples_packed(x, FACTOR_DTYPE) and not factors.lora_A.requires_grad:
+        if self._samples_packed_factors(x, factors):
             return packed_weights.linear(x, factors.packed()[0])
         return x.to(self.compute_dtype) @ factors.lora_A.to(self.compute_dtype).t()
 
@@ -235,8 +235,7 @@ class LoraLinear(nn.Module):
         alpha / rank; one rounding of h otherwise, in bf16). In the sampler of a float32 model with
         packed weights (`_samples_packed`) and a frozen adapter, B h on oneDNN then the scaled sum:
         the same formula, and a row's bits whatever its batch mates."""
-        if (self._samples_packed(h, FACTOR_DTYPE) and output.dtype == FACTOR_DTYPE
-                and not factors.lora_B.requires_grad):  # the sampler, a frozen adapter
+        if self._samples_packed_factors(h, factors) and output.dtype == FACTOR_DTYPE:  # the sampler
             summed = torch.add(_rows(output, rows), packed_weights.linear(h, factors.packed()[1]), alpha=factors.scale)
             return summed if rows is None else output.index_copy(1, rows, summed)
         lora_B = factors.lora_B.to(self.compute_dtype)
@@ -276,6 +275,11 @@ class LoraLinear(nn.Module):
         float32 models: their products are float32 there, with no cast)."""
         return (self.packed is not None and x.dtype == dtype and not torch.compiler.is_compiling()
                 and torch.is_inference_mode_enabled())
+
+    def _samples_packed_factors(self, x: torch.Tensor, factors: LoraFactors) -> bool:
+        """Whether the LoRA product of `x` with these factors runs on their packed copies
+        (`LoraFactors.packed`): as `_samples_packed`, for a frozen adapter."""
+        return self._samples_packed(x, FACTOR_DTYPE) and not factors.lora_A.requires_grad
 
     def _active_adapters(self, input_: torch.Tensor) -> list[tuple[LoraFactors, torch.Tensor | None]]:
         if self.routing is None:
