@@ -83,7 +83,7 @@ def model_run(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_training_keeps_every_bit_and_never_uses_the_packed_weights(model_run):
+def test_training_and_forward_keep_every_bit_and_never_use_the_packed_weights(model_run):
     assert model_run["packed_modules"] == model_run["wrapped_modules"] > 0
     assert model_run["train_bitwise_equal"]
     assert model_run["packed_calls_in_training"] == 0
@@ -141,7 +141,9 @@ def _worker(out_path: str, model_dir: str) -> None:
         with lora.route(["a", "a"]):
             lp = token_logprobs(model, tokens[:, :-1], tokens[:, 1:])
             lp.sum().backward()
-        return [lp.detach().clone()] + [p.grad.clone() for p in params]
+            with torch.no_grad():  # a forward-only request: no autograd, yet not the sampler
+                scored = token_logprobs(model, tokens[:, :-1], tokens[:, 1:])
+        return [lp.detach().clone(), scored] + [p.grad.clone() for p in params]
 
     def sample(prompts, adapter, temperature=1.0):
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
@@ -161,10 +163,9 @@ def _worker(out_path: str, model_dir: str) -> None:
         return linear(x, packed)
 
     packed_weights.linear = counted
-    result = {"wrapped_modules": len(lora.modules),
-              "packed_modules": 0}
     packed_weights.pack_frozen_weights(lora, 1 << 40)
-    result["packed_modules"] = sum(m.packed is not None for m in lora.modules.values())
+    result = {"wrapped_modules": len(lora.modules),
+              "packed_modules": sum(m.packed is not None for m in lora.modules.values())}
     train_after = train_numbers()
     result["train_bitwise_equal"] = all(torch.equal(a, b) for a, b in zip(train_before, train_after))
     result["packed_calls_in_training"] = calls["n"]
