@@ -460,9 +460,8 @@ def inprocess_main(spec: dict) -> dict:
     from megatron.core import parallel_state
 
     from backends.common.optimizer import AdapterOptimizer
-    from backends.miles.backend import PACKED_WEIGHTS_MEMORY_SHARE, free_memory
+    from backends.miles.backend import pack_sampler_weights
     from backends.miles.lora import LoraManager
-    from backends.miles.packed_weights import pack_frozen_weights
     from backends.miles.model import build_model
     from backends.miles.parallel import ParallelDims, init_distributed
 
@@ -475,8 +474,7 @@ def inprocess_main(spec: dict) -> dict:
                         kernels=kernels)
     lora = LoraManager(model, compute_dtype=dtype if spec.get("lora_compute") == "base" else torch.float32)
     lora.add_adapter("bench", wl.rank, LORA_ALPHA, train_unembed=wl.train_unembed, seed=0)
-    if device.type == "cpu":  # as the server's CPU workers do (MilesBackend._pack_sampler_weights)
-        pack_frozen_weights(lora, int(free_memory(device) * PACKED_WEIGHTS_MEMORY_SHARE))
+    pack_sampler_weights([lora], device)  # as the server's workers do (on CPU only)
     optimizer = AdapterOptimizer(lora.adapter_params("bench"), parallel_state.get_tensor_model_parallel_group())
     build_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -120,8 +120,7 @@ class MilesBackend(TrainingBackend):
         self.saved: OrderedDict[str, _Base] = OrderedDict()
         self.loaded: OrderedDict[str, _Base] = OrderedDict()
         self.prefix_caches = {name: PrefixCache() for name in self.bases}  # sampler K/V reuse, per base model
-        if self.device.type == "cpu":
-            self._pack_sampler_weights()
+        self._pack_sampler_weights()
         # Every rank must cut a batch into the same micro-batches: plan from the least free memory.
         self.memory_share = MICROBATCH_MEMORY_SHARE.get(self.device.type, MICROBATCH_MEMORY_SHARE["cpu"])
         free_at_start = least_over_ranks(free_memory(self.device), self.device)
@@ -134,16 +133,15 @@ class MilesBackend(TrainingBackend):
         self._drop_when_unused: dict[str, _Base] = {}  # snapshots forgotten while rows still used them
 
     def _pack_sampler_weights(self) -> None:
-        """On CPU, the sampler's frozen weights a second time in oneDNN's layout (`packed_weights`),
-        within PACKED_WEIGHTS_MEMORY_SHARE of the least memory free over ranks."""
-        budget = int(least_over_ranks(free_memory(self.device), self.device) * PACKED_WEIGHTS_MEMORY_SHARE)
-        for base in self.bases.values():
-            used = pack_frozen_weights(base.lora, budget)
-            budget -= used
-            if is_global_rank_0():
-                packed = sum(m.packed is not None for m in base.lora.modules.values())
-                log.info("%s: %d of %d wrapped layers' frozen weights (%.1f MB) packed for the sampler's oneDNN "
-                         "products", base.name, packed, len(base.lora.modules), used / 2**20)
+        """`pack_sampler_weights` for every base model, and a log line of what it packed."""
+        bases = list(self.bases.values())
+        packed_bytes = pack_sampler_weights([b.lora for b in bases], self.device)
+        if not is_global_rank_0() or self.device.type != "cpu":
+            return
+        for base, used in zip(bases, packed_bytes):
+            packed = sum(m.packed is not None for m in base.lora.modules.values())
+            log.info("%s: %d of %d wrapped layers' frozen weights (%.1f MB) packed for the sampler's oneDNN "
+                     "products", base.name, packed, len(base.lora.modules), used / 2**20)
 
     def model_infos(self) -> dict[str, dict[str, Any]]:
         return {
@@ -630,6 +628,20 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return _available_ram() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def pack_sampler_weights(loras: list[LoraManager], device: torch.device) -> list[int]:
+    """On CPU, the sampler's frozen weights of each model a second time in oneDNN's layout
+    (`packed_weights`), together within PACKED_WEIGHTS_MEMORY_SHARE of the least memory free over
+    ranks (a collective); the bytes packed per model (none on GPUs)."""
+    if device.type != "cpu":
+        return [0] * len(loras)
+    budget = int(least_over_ranks(free_memory(device), device) * PACKED_WEIGHTS_MEMORY_SHARE)
+    used = []
+    for lora in loras:
+        used.append(pack_frozen_weights(lora, budget))
+        budget -= used[-1]
+    return used
 
 
 def activation_bytes_per_token(model, recompute: str, lora_dtype: torch.dtype | None = None) -> int:
