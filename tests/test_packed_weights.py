@@ -1,4 +1,4 @@
-"""The sampler's oneDNN-packed frozen weights (backends/miles/packed_weights.py).
+"""The sampler's oneDNN-packed frozen weights and row-by-row decode products (backends/miles/packed_weights.py).
 
 The products themselves are checked in this process (plain torch). The model-level checks run a
 real megatron-core model of a tiny Qwen3 checkpoint in a worker process (this file is its script):
@@ -74,6 +74,49 @@ def test_a_frozen_adapter_made_inside_inference_mode_packs():
         LoraFactors(torch.randn(4, 64), torch.randn(32, 4), 2.0, trainable=True).packed()
 
 
+def test_rowwise_products_match_matmul_and_ignore_the_rows_beside_them():
+    import torch
+
+    from backends.miles import packed_weights
+
+    g = torch.Generator().manual_seed(2)
+    for n_in, n_out in ((256, 8), (768, 8), (8, 1536), (4, 64), (64, 32)):
+        weight_t = torch.randn(n_in, n_out, generator=g)
+        x = torch.randn(70, n_in, generator=g)
+        full = packed_weights.rowwise(x, weight_t)
+        torch.testing.assert_close(full, x @ weight_t, rtol=1e-5, atol=1e-4)
+        for rows in (1, 2, 3, 5, 9, 17, 64):  # any count, any position in the batch
+            assert torch.equal(packed_weights.rowwise(x[:rows], weight_t), full[:rows]), (n_in, n_out, rows)
+            assert torch.equal(packed_weights.rowwise(x[-rows:], weight_t), full[-rows:]), (n_in, n_out, rows)
+        batched = packed_weights.rowwise(x[:40].view(8, 5, n_in).transpose(0, 1), weight_t)  # [s, b, in], strided
+        assert torch.equal(batched, full[:40].view(8, 5, n_out).transpose(0, 1))
+
+
+def test_a_decode_step_multiplies_small_frozen_factors_row_by_row():
+    import torch
+
+    from backends.miles import packed_weights
+    from backends.miles.lora import LoraFactors
+
+    _dtype_or_skip("float32")
+    small = LoraFactors(torch.randn(8, 256), torch.randn(512, 8), 4.0, trainable=False)
+    large = LoraFactors(torch.randn(32, 1024), torch.randn(1024, 32), 1.0, trainable=False)
+    assert small.lora_B.numel() <= packed_weights.ROWWISE_MAX_ELEMENTS < large.lora_A.numel()
+    with torch.inference_mode():
+        x, h = torch.randn(1, 6, 256), torch.randn(1, 6, 8)
+        with packed_weights.decode_step():
+            assert packed_weights.decoding()
+            in_step = small.product(x, 0), small.product(h, 1), large.product(torch.randn(1, 6, 1024), 0)
+        assert not packed_weights.decoding()
+        assert torch.equal(in_step[0], packed_weights.rowwise(x, small.lora_A.t().contiguous()))
+        assert torch.equal(in_step[1], packed_weights.rowwise(h, small.lora_B.t().contiguous()))
+        assert large._transposed is None  # a large factor stays on oneDNN, in a decode step too
+        assert torch.equal(small.product(x, 0), packed_weights.linear(x, small.packed()[0]))  # outside a step
+        torch.testing.assert_close(in_step[0], small.product(x, 0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="frozen"):
+        LoraFactors(torch.randn(4, 64), torch.randn(32, 4), 2.0, trainable=True).transposed()
+
+
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packed")
@@ -91,6 +134,8 @@ def test_training_and_forward_keep_every_bit_and_never_use_the_packed_weights(mo
 
 def test_the_sampler_uses_them_with_the_same_tokens(model_run):
     assert model_run["packed_calls_in_sampling"] > 0
+    # the snapshot's small factors row by row in decode steps; never in training or forward
+    assert model_run["rowwise_calls_in_training"] == 0 < model_run["rowwise_calls_in_sampling"]
     # a snapshot's factors are packed at their first use; a trainable adapter's never (they change)
     assert model_run["factors_packed"] == {"a": False, "snap": True}
     assert model_run["inference_made_snapshot_same"]
@@ -155,22 +200,28 @@ def _worker(out_path: str, model_dir: str) -> None:
     train_before = train_numbers()
     unpacked = sample(prompts[:3], "snap") + sample(prompts[:3], None, temperature=0.0)
 
-    calls = {"n": 0}
-    linear = packed_weights.linear
+    calls = {"n": 0, "rowwise": 0}
+    linear, rowwise = packed_weights.linear, packed_weights.rowwise
 
     def counted(x, packed):
         calls["n"] += 1
         return linear(x, packed)
 
-    packed_weights.linear = counted
+    def counted_rowwise(x, weight_t):
+        calls["rowwise"] += 1
+        return rowwise(x, weight_t)
+
+    packed_weights.linear, packed_weights.rowwise = counted, counted_rowwise
     packed_weights.pack_frozen_weights(lora, 1 << 40)
     result = {"wrapped_modules": len(lora.modules),
               "packed_modules": sum(m.packed is not None for m in lora.modules.values())}
     train_after = train_numbers()
     result["train_bitwise_equal"] = all(torch.equal(a, b) for a, b in zip(train_before, train_after))
     result["packed_calls_in_training"] = calls["n"]
+    result["rowwise_calls_in_training"] = calls["rowwise"]
     packed = sample(prompts[:3], "snap") + sample(prompts[:3], None, temperature=0.0)
     result["packed_calls_in_sampling"] = calls["n"]
+    result["rowwise_calls_in_sampling"] = calls["rowwise"]
     sample(prompts[:1], "a")
     with torch.inference_mode():  # as a snapshot read from disk for a request joining a running batch
         lora.clone_adapter("snap", "read_mid_batch")

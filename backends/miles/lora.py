@@ -84,16 +84,37 @@ class LoraFactors(nn.Module):
         self.register_buffer("scale_tensor", torch.tensor(scale, dtype=torch.float32, device=lora_A.device),
                              persistent=False)
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # A and B for the sampler: `packed`
+        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None  # A^T and B^T: `transposed`
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of a frozen adapter in oneDNN's layout for the sampler's products
         (`packed_weights`), made at first use. Only for frozen factors (sampler snapshots): nothing
         changes them in place, whereas a trainable adapter's factors change at every optimizer step."""
-        if self.lora_A.requires_grad:
-            raise ValueError("only a frozen adapter's factors are packed")
+        self._check_frozen()
         if self._packed is None:
             self._packed = (packed_weights.pack(self.lora_A), packed_weights.pack(self.lora_B))
         return self._packed
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^T [in, r] and B^T [r, out] of a frozen adapter, contiguous, for the sampler's row-by-row
+        decode products (`packed_weights.rowwise`), made at first use."""
+        self._check_frozen()
+        if self._transposed is None:
+            self._transposed = (self.lora_A.detach().t().contiguous(), self.lora_B.detach().t().contiguous())
+        return self._transposed
+
+    def product(self, x: torch.Tensor, factor: int) -> torch.Tensor:
+        """x times A^T (`factor` 0) or B^T (1) of a frozen adapter, in the sampler on CPU: row by row
+        in a decode step when the factor is small (`packed_weights.ROWWISE_MAX_ELEMENTS`), else on
+        its oneDNN copy. Either way a row's bits do not depend on its batch mates."""
+        weight = self.lora_A if factor == 0 else self.lora_B
+        if packed_weights.decoding() and weight.numel() <= packed_weights.ROWWISE_MAX_ELEMENTS:
+            return packed_weights.rowwise(x, self.transposed()[factor])
+        return packed_weights.linear(x, self.packed()[factor])
+
+    def _check_frozen(self) -> None:
+        if self.lora_A.requires_grad:
+            raise ValueError("only a frozen adapter's factors are packed")
 
 
 class LoraLinear(nn.Module):
@@ -221,7 +242,7 @@ class LoraLinear(nn.Module):
         """A x for the routed rows, in `compute_dtype` (the factors stay float32; a cast is a no-op then)."""
         x = _rows(input_, rows)
         if self._samples_packed_factors(x, factors):
-            return packed_weights.linear(x, factors.packed()[0])
+            return factors.product(x, 0)
         return x.to(self.compute_dtype) @ factors.lora_A.to(self.compute_dtype).t()
 
     def _add_up(self, output: torch.Tensor, rows: torch.Tensor | None, h: torch.Tensor,
@@ -233,10 +254,11 @@ class LoraLinear(nn.Module):
         In a compiled layer the scale is a tensor, so one graph serves every alpha and rank; the
         addmm then scales h before the product (exact for the power-of-two scales of the usual
         alpha / rank; one rounding of h otherwise, in bf16). In the sampler of a float32 model with
-        packed weights (`_samples_packed`) and a frozen adapter, B h on oneDNN then the scaled sum:
-        the same formula, and a row's bits whatever its batch mates."""
+        packed weights (`_samples_packed`) and a frozen adapter, B h on oneDNN (or row by row in
+        a decode step, `LoraFactors.product`) then the scaled sum: the same formula, and a row's
+        bits whatever its batch mates."""
         if self._samples_packed_factors(h, factors) and output.dtype == FACTOR_DTYPE:  # the sampler
-            summed = torch.add(_rows(output, rows), packed_weights.linear(h, factors.packed()[1]), alpha=factors.scale)
+            summed = torch.add(_rows(output, rows), factors.product(h, 1), alpha=factors.scale)
             return summed if rows is None else output.index_copy(1, rows, summed)
         lora_B = factors.lora_B.to(self.compute_dtype)
         scale = factors.scale_tensor if torch.compiler.is_compiling() else factors.scale

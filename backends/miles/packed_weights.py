@@ -20,14 +20,32 @@ order, the output layer last), the float32 LoRA products of a bfloat16 model, co
 layers at tp > 1 (megatron-core computes those), and adapters sampled while trainable. The copies
 match `torch.matmul` to float rounding (the same products summed in another order). CPU float32
 and, where the CPU has bfloat16 instructions, bfloat16 weights only; elsewhere nothing is packed.
+
+A decode step's LoRA products are a few rows by a rank-r factor, where a oneDNN call costs several
+times the arithmetic. So inside `decode_step()` (the sampler's decode steps, not its prefills) a
+factor of at most ROWWISE_MAX_ELEMENTS runs `rowwise`: one small product per row, batched in one
+call, which gives a row the same bits whatever its batch mates by construction; larger factors, and
+every prefill and prompt-scoring pass, keep their oneDNN copies. In paired in-process rounds on
+skyrl-tiny (1, 8 and 64 rows; ranks 8 and 32; one and two threads) a round took 0.87-0.97 of its
+time (BENCHMARKS.md, finding 14).
 """
 from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 
 # The row count oneDNN is told to expect when packing: a hint for its layout; the results are the
 # same bits for any row count (tests/test_packed_weights.py).
 _PACK_ROWS_HINT = 8
+
+# In a decode step, LoRA factors with at most this many elements (64 KB in float32) are multiplied
+# row by row (`rowwise`) rather than on oneDNN.
+ROWWISE_MAX_ELEMENTS = 1 << 14
+
+_DECODING: ContextVar[bool] = ContextVar("tinkercloud_decode_step", default=False)
 
 
 def supported(weight: torch.Tensor) -> bool:
@@ -66,3 +84,26 @@ def pack_frozen_weights(lora, budget_bytes: int) -> int:
         module.packed = (weight, pack(weight))
         used += size
     return used
+
+
+@contextlib.contextmanager
+def decode_step() -> Iterator[None]:
+    """Marks a sampler decode step (one new token per row) for the products inside it (`decoding`)."""
+    token = _DECODING.set(True)
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
+def decoding() -> bool:
+    """Whether the products running now belong to a sampler decode step (`decode_step`)."""
+    return _DECODING.get()
+
+
+def rowwise(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight_t [in, out], each row its own one-row product (all in one batched call):
+    a row's bits never depend on how many rows are beside it, or where."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.bmm(flat.unsqueeze(1), weight_t.expand(flat.shape[0], *weight_t.shape))
+    return out.view(*x.shape[:-1], weight_t.shape[1])

@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from backends.miles import packed_weights
 from backends.miles.distributions import empty_table, inverse_cdf, topk_table
 from backends.miles.prefix_cache import PrefixCache
 from backends.miles.prompt_scoring import PromptScores, first_hidden_needed, score_prompt, wants_scores
@@ -641,7 +642,7 @@ def _run_chunk(runner: _Runner, rows: list[_Row], specs, out: dict, hits: dict, 
         inp = torch.tensor([[r.tokens[-1]] for r in batch.rows], dtype=torch.long, device=dev)
         p = torch.tensor([[len(r.spec.prompt) + len(r.tokens) - 1] for r in batch.rows], device=dev)
         key_ok = (torch.arange(col + 1, device=dev)[None, :] >= batch.row_pad[:, None])[:, None, :]
-        with route([r.spec.adapter for r in batch.rows]):
+        with route([r.spec.adapter for r in batch.rows]), packed_weights.decode_step():
             h = runner.forward(inp, p, batch.caches, col, key_ok)
             batch.logits = runner._logits(h)[0]
         batch.col = col + 1
