@@ -110,11 +110,15 @@ def test_a_decode_step_multiplies_small_frozen_factors_row_by_row():
         assert not packed_weights.decoding()
         assert torch.equal(in_step[0], packed_weights.rowwise(x, small.lora_A.t().contiguous()))
         assert torch.equal(in_step[1], packed_weights.rowwise(h, small.lora_B.t().contiguous()))
-        assert large._transposed is None  # a large factor stays on oneDNN, in a decode step too
+        assert large._transposed == [None, None]  # a large factor stays on oneDNN, in a decode step too
+        mixed = LoraFactors(torch.randn(8, 64), torch.randn(4096, 8), 1.0, trainable=False)
+        with packed_weights.decode_step():
+            mixed.product(torch.randn(1, 3, 64), 0), mixed.product(torch.randn(1, 3, 8), 1)
+        assert mixed._transposed[0] is not None and mixed._transposed[1] is None  # only the small one copied
         assert torch.equal(small.product(x, 0), packed_weights.linear(x, small.packed()[0]))  # outside a step
         torch.testing.assert_close(in_step[0], small.product(x, 0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="frozen"):
-        LoraFactors(torch.randn(4, 64), torch.randn(32, 4), 2.0, trainable=True).transposed()
+        LoraFactors(torch.randn(4, 64), torch.randn(32, 4), 2.0, trainable=True).transposed(0)
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ class LoraFactors(nn.Module):
         self.register_buffer("scale_tensor", torch.tensor(scale, dtype=torch.float32, device=lora_A.device),
                              persistent=False)
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # A and B for the sampler: `packed`
-        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None  # A^T and B^T: `transposed`
+        self._transposed: list[torch.Tensor | None] = [None, None]  # A^T and B^T for the sampler: `transposed`
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of a frozen adapter in oneDNN's layout for the sampler's products
@@ -95,13 +95,14 @@ class LoraFactors(nn.Module):
             self._packed = (packed_weights.pack(self.lora_A), packed_weights.pack(self.lora_B))
         return self._packed
 
-    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T [in, r] and B^T [r, out] of a frozen adapter, contiguous, for the sampler's row-by-row
-        decode products (`packed_weights.rowwise`), made at first use."""
+    def transposed(self, factor: int) -> torch.Tensor:
+        """A^T [in, r] (`factor` 0) or B^T [r, out] (1) of a frozen adapter, contiguous, for the
+        sampler's row-by-row decode products (`packed_weights.rowwise`), each made at its first use
+        (a small A beside a large B, as on a large vocabulary's output layer, copies only A)."""
         self._check_frozen()
-        if self._transposed is None:
-            self._transposed = (self.lora_A.detach().t().contiguous(), self.lora_B.detach().t().contiguous())
-        return self._transposed
+        if self._transposed[factor] is None:
+            self._transposed[factor] = (self.lora_A if factor == 0 else self.lora_B).detach().t().contiguous()
+        return self._transposed[factor]
 
     def product(self, x: torch.Tensor, factor: int) -> torch.Tensor:
         """x times A^T (`factor` 0) or B^T (1) of a frozen adapter, in the sampler on CPU: row by row
@@ -109,7 +110,7 @@ class LoraFactors(nn.Module):
         its oneDNN copy. Either way a row's bits do not depend on its batch mates."""
         weight = self.lora_A if factor == 0 else self.lora_B
         if packed_weights.decoding() and weight.numel() <= packed_weights.ROWWISE_MAX_ELEMENTS:
-            return packed_weights.rowwise(x, self.transposed()[factor])
+            return packed_weights.rowwise(x, self.transposed(factor))
         return packed_weights.linear(x, self.packed()[factor])
 
     def _check_frozen(self) -> None:
