@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.messages import Transport, WorkerFailed, WorkerReady, WorkItem, WorkResult
 from engine.shm_queue import CONTEXT, ShmQueue, raise_open_file_limit
+from engine.worker_env import set_worker_env
 
 log = logging.getLogger("tinkercloud.pool")
 
@@ -87,11 +88,9 @@ class WorkerPool:
         from engine import worker
 
         raise_open_file_limit()
-        # Transparent huge pages for torch's large CPU tensors: the workers inherit this process's
-        # environment (torch reads it once). A large-vocabulary model's logits are hundreds of MB
-        # per step, allocated and freed each time; with 4 KB pages that was millions of page
-        # faults a step (BENCHMARKS.md, finding 6). THP_MEM_ALLOC_ENABLE=0 turns it off.
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+        # The allocators' settings (huge pages, glibc keeping freed blocks): the workers inherit
+        # this process's environment and read them once (engine.worker_env).
+        set_worker_env()
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         port = _free_port(self.reserved_ports)

@@ -59,6 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from engine.config import KERNELS  # noqa: E402  (light: no torch)
+from engine.worker_env import WORKER_ENV  # noqa: E402  (light: no torch)
 EMBEDDED_NAME = "tinkercloud/tiny-qwen3"
 LORA_ALPHA = 32.0
 ADAM = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0, "grad_clip_norm": 0.0}
@@ -445,7 +446,7 @@ def run_inprocess(model_dir: str, wl: Workload, dtype: str, profile: str | None 
                   lora_compute: str = "fp32", kernels: str = "eager") -> dict:
     spec = {"model_dir": model_dir, "workload": asdict(wl), "dtype": dtype, "profile": profile,
             "lora_compute": lora_compute, "kernels": kernels}
-    env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ,  # as the server's workers get it (engine/pool.py)
+    env = {**WORKER_ENV, **os.environ,  # the allocators' settings, as the server's workers get them
            "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
