@@ -152,7 +152,8 @@ class Config:
                             "take between its decode steps (0..1, default 0.5; 0: they wait for the batch to end)")
         p.add_argument("--sample-gather-ms", type=float,
                        help="while a replica is idle, gather a burst of sampling requests until none has come for "
-                            "this many milliseconds (at most 5x as long; default 2; 0: no gathering)")
+                            "this many milliseconds (at most 5x as long; a client that has sent fewer requests than in "
+                            "its last burst: at most 20x; default 2; 0: no gathering)")
         p.add_argument("--model", action="append", metavar="NAME=PATH|ORG/NAME[@REV]",
                        help="serve an HF checkpoint dir, or a hub model from the local HF cache (repeatable)")
         p.add_argument("--api-key", action="append", help="accepted API key (repeatable)")

@@ -7,14 +7,19 @@
 - Sampling requests go to one data-parallel replica each (`WorkItem.replica`: its ranks alone
   run them), the one `engine.replica_router` picks: the least loaded, unless one holds most of
   the prompt in its prefix cache. A burst of requests is spread over the replicas that way and
-  goes as one item per replica. While some replica is idle, a burst is gathered first: it is sent
-  once no new request has come for `gather_s` (2 ms by default), and at the latest
-  GATHER_LIMIT × `gather_s` after its first request, so that its prompts are prefilled together
-  (the SDK's requests of one `asyncio.gather` reach the server a millisecond or so apart; a lone
-  request waits `gather_s`). When every replica is sampling, requests go at the next event-loop
-  turn: an item that reaches a replica already sampling joins its running batch between decode
-  steps (continuous batching, see `engine.sample_joins`). A new request never postpones a
-  dispatch that is due.
+  goes as one item per replica. While some replica is idle, a burst is gathered first, so that
+  its prompts are prefilled together (the SDK's requests of one `asyncio.gather` reach the server
+  one after another, 1-3 ms apart on two busy cores, with the odd longer pause). A client's bursts
+  tend to repeat their size (a training loop samples as many prompts at every step), so each
+  sampling client's last burst is remembered (`_ClientBurst`; a burst: the requests it sends from
+  having none in flight until it has none in flight again): while a waiting client has sent fewer
+  than last time, the burst waits for the rest, at most EXPECT_LIMIT × `gather_s` after its first
+  request. Otherwise (each has sent as many, or it is a client's first burst) it is gathered
+  until no new request has come for `gather_s` (2 ms by default), at most GATHER_LIMIT ×
+  `gather_s` after its first request (a lone request waits `gather_s`). When every replica is
+  sampling, requests go at the next event-loop turn: an item that reaches a replica already
+  sampling joins its running batch between decode steps (continuous batching, see
+  `engine.sample_joins`). A new request never postpones a dispatch that is due.
 Results are encoded by the caller-supplied `encode` function and stored as futures.
 
 Each finished work item is recorded in `engine.metrics.TransportMetrics` (bytes, latency
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,6 +45,8 @@ log = logging.getLogger("tinkercloud.scheduler")
 
 RETRY_WINDOW = 1024  # how many already-run seq_ids per model are remembered for retries
 GATHER_LIMIT = 5  # a sampling burst is gathered for at most this many times the quiet gap
+EXPECT_LIMIT = 20  # ... or, waiting for a client to send as many as in its last burst, this many
+CLIENTS_REMEMBERED = 4096  # sampling clients whose last burst size is kept (least recent dropped)
 
 # When the HTTP request being handled reached its handler (time.time()); None outside a request.
 ARRIVED_AT: ContextVar[float | None] = ContextVar("tinkercloud_arrived_at", default=None)
@@ -60,6 +68,17 @@ class _Job:
     rejection: str | None = None  # set: fail in order with this user error instead of running
     arrived_at: float = 0.0  # the HTTP request reached its handler (time.time())
     submitted_at: float = 0.0  # the handler handed it to the scheduler
+    client: str | None = None  # the sampling client (session) that sent it
+
+
+@dataclass
+class _ClientBurst:
+    """One sampling client's requests: in flight now, sent in its current burst and in its last.
+    A burst runs from a request sent with none of the client's in flight until none is again."""
+
+    in_flight: int = 0
+    sent: int = 0
+    last: int = 0  # 0: no burst finished yet
 
 
 @dataclass
@@ -81,6 +100,7 @@ class Scheduler:
         self.gather_s = gather_s  # quiet gap that ends a sampling burst while some replica is idle
         self._sampling_at: asyncio.Handle | None = None  # the waiting samples' dispatch (a TimerHandle: gathering)
         self._burst_began = 0.0  # loop time of the first waiting sample
+        self._clients: OrderedDict[str, _ClientBurst] = OrderedDict()  # most recently active last
         self.metrics = TransportMetrics()
 
     # ---- submission ----------------------------------------------------------------------
@@ -110,8 +130,11 @@ class Scheduler:
                 lane.accepted = {s: r for s, r in lane.accepted.items() if s >= lane.next_seq - RETRY_WINDOW}
         return job.request_id
 
-    def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder) -> str:
+    def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder, client: str | None = None) -> str:
+        """Queue one sampling request of `client` (its sampling session) for the next batch."""
         job = self._new_job("sample", args, encode)
+        job.client = client
+        self._sent_by(client)
         self._samples.append((job, rows))
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -119,9 +142,7 @@ class Scheduler:
             self._burst_began = now
         # Never at once: requests of a burst handled in this loop turn go along. Gathered only
         # while a replica is idle: one that is sampling takes new rows at its next decode step.
-        wait = 0.0
-        if self.gather_s > 0 and min(self.router.rows) == 0:
-            wait = max(0.0, min(self.gather_s, self._burst_began + GATHER_LIMIT * self.gather_s - now))
+        wait = self._gathering_left(now) if self.gather_s > 0 and min(self.router.rows) == 0 else 0.0
         gathering = isinstance(self._sampling_at, asyncio.TimerHandle)
         if self._sampling_at is not None and not gathering:
             return job.request_id  # already going at the next turn: never postponed
@@ -130,6 +151,32 @@ class Scheduler:
         self._sampling_at = loop.call_at(now + wait, self._start_sampling) if wait else loop.call_soon(self._start_sampling)
         return job.request_id
 
+    def _gathering_left(self, now: float) -> float:
+        """How long the waiting burst may still gather (0: send it now)."""
+        clients = [self._clients.get(job.client) if job.client is not None else None for job, _ in self._samples]
+        if any(c is not None and c.sent < c.last for c in clients):  # a client has more to come
+            return max(0.0, self._burst_began + EXPECT_LIMIT * self.gather_s - now)
+        # the quiet gap, also after a client sent as many as last time: its burst may be larger now
+        return max(0.0, min(self.gather_s, self._burst_began + GATHER_LIMIT * self.gather_s - now))
+
+    def _sent_by(self, client: str | None) -> None:
+        """Count a request of `client` in its burst (a new one if none of its requests is in flight)."""
+        if client is None:
+            return
+        burst = self._clients.setdefault(client, _ClientBurst())
+        self._clients.move_to_end(client)  # most recently active last
+        if burst.in_flight == 0:  # a new burst begins
+            burst.last, burst.sent = burst.sent or burst.last, 0
+        burst.in_flight += 1
+        burst.sent += 1
+        while len(self._clients) > CLIENTS_REMEMBERED:
+            self._clients.popitem(last=False)
+
+    def _answered(self, job: _Job) -> None:
+        burst = self._clients.get(job.client) if job.client is not None else None
+        if burst is not None and burst.in_flight > 0:
+            burst.in_flight -= 1
+
     def close(self) -> None:
         """The server is stopping: sampling requests still being gathered fail (retry them) instead
         of reaching workers that are shutting down."""
@@ -137,6 +184,7 @@ class Scheduler:
             self._sampling_at.cancel()
             self._sampling_at = None
         for job, _ in self._samples:
+            self._answered(job)
             self.futures.fail(job.request_id, "the server is shutting down; submit the request again", "server")
         self._samples = []
 
@@ -206,6 +254,7 @@ class Scheduler:
     def _finish_sampling(self, batch: list[_Job], replica: int, rows: int, res: WorkResult) -> None:
         self.router.done(replica, rows)
         for i, job in enumerate(batch):
+            self._answered(job)
             if res.error is not None:
                 self._finish(job, res)
             else:

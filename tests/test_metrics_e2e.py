@@ -126,3 +126,27 @@ def test_a_burst_sent_request_by_request_is_gathered_into_one_batch(gathering_se
     assert _delta(after, before, "sample", "requests") == 8
     assert _delta(after, before, "sample", "items") == 1  # gathered, not 1 + 7 or one per request
     assert together[:2] == alone  # seeded samples do not depend on their batch mates
+
+
+def test_a_clients_burst_waits_for_as_many_requests_as_its_last_one(gathering_server):
+    """A sampling client whose last burst had 4 requests pauses for 4 quiet gaps after its second:
+    the server waits for the other two (a client's bursts tend to repeat their size) and runs all
+    four as one batch, where the quiet gap alone would have started the first two by themselves."""
+    import time
+
+    import tinker
+
+    service = tinker.ServiceClient(base_url=gathering_server.url, api_key=API_KEY)
+    sampler = service.create_sampling_client(base_model=QWEN).result()
+    prompts = [types.ModelInput.from_ints([21, 22, 23 + i]) for i in range(4)]
+    params = types.SamplingParams(max_tokens=2, seed=0, stop=[])
+    for f in [sampler.sample(p, 1, params) for p in prompts]:  # its first burst: 4 requests
+        f.result()
+    before = _ops(gathering_server)
+    futures = [sampler.sample(p, 1, params) for p in prompts[:2]]
+    time.sleep(0.4)  # 4 x the server's 100 ms quiet gap
+    futures += [sampler.sample(p, 1, params) for p in prompts[2:]]
+    assert all(f.result().sequences[0].tokens for f in futures)
+    after = _ops(gathering_server)
+    assert _delta(after, before, "sample", "requests") == 4
+    assert _delta(after, before, "sample", "items") == 1  # one batch, not 2 + 2

@@ -15,7 +15,7 @@ import pytest
 
 from engine.futures import FutureStore
 from engine.messages import WorkItem, WorkResult
-from engine.scheduler import GATHER_LIMIT, Scheduler
+from engine.scheduler import EXPECT_LIMIT, GATHER_LIMIT, Scheduler
 
 
 class AnsweringPool:
@@ -37,8 +37,8 @@ def _scheduler(tmp_path, gather_s: float) -> tuple[Scheduler, AnsweringPool]:
     return Scheduler(pool, FutureStore(str(tmp_path / "futures")), gather_s=gather_s), pool
 
 
-def _submit(scheduler: Scheduler) -> str:
-    return scheduler.submit_sample({"prompt": [1, 2, 3], "base_model": "m"}, 1, lambda r: (r, "json"))
+def _submit(scheduler: Scheduler, client: str | None = None) -> str:
+    return scheduler.submit_sample({"prompt": [1, 2, 3], "base_model": "m"}, 1, lambda r: (r, "json"), client)
 
 
 @pytest.mark.parametrize("gather_s", [0.0, 0.002])
@@ -79,6 +79,44 @@ def test_a_burst_is_gathered_until_it_goes_quiet(tmp_path):
         _submit(scheduler)  # a lone request waits the quiet gap, then goes alone
         await asyncio.sleep(0.05 + 0.05)
         assert [len(item.args["requests"]) for _, item in pool.items] == [4, 1]
+
+    asyncio.run(scenario())
+
+
+def test_a_clients_burst_waits_for_as_many_requests_as_its_last_one(tmp_path):
+    """A client that sent 4 requests last time and pauses (3 quiet gaps) after its second is waited
+    for: its burst still goes as one item. A smaller burst waits at most EXPECT_LIMIT x gather_s;
+    another client's first burst keeps the quiet-gap rule."""
+    gap = 0.02
+    scheduler, pool = _scheduler(tmp_path, gather_s=gap)
+    sizes = lambda: [len(item.args["requests"]) for _, item in pool.items]  # noqa: E731
+
+    async def burst(client: str, n: int, pause_after: int | None = None, pause: float = 0.0) -> None:
+        for i in range(n):
+            if i == pause_after:
+                await asyncio.sleep(pause)
+            _submit(scheduler, client)
+            await asyncio.sleep(0)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        await burst("a", 4)  # its first burst: the quiet-gap rule
+        await asyncio.sleep(GATHER_LIMIT * gap + 0.05)
+        assert sizes() == [4]
+        await burst("a", 4, pause_after=2, pause=3 * gap)  # would have gone as 2 + 2 on the quiet gap alone
+        await asyncio.sleep(gap + 0.05)
+        assert sizes() == [4, 4]
+        began = loop.time()
+        await burst("a", 1)  # smaller than last time: waits for the limit, then goes
+        while len(pool.items) < 3:
+            await asyncio.sleep(0.005)
+        assert pool.items[2][0] - began >= EXPECT_LIMIT * gap - 0.01
+        await burst("b", 1)  # a client seen for the first time: the quiet gap
+        began = loop.time()
+        while len(pool.items) < 4:
+            await asyncio.sleep(0.005)
+        assert pool.items[3][0] - began < GATHER_LIMIT * gap + 0.05
+        assert sizes() == [4, 4, 1, 1]
 
     asyncio.run(scenario())
 
