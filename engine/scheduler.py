@@ -11,10 +11,11 @@
   its prompts are prefilled together (the SDK's requests of one `asyncio.gather` reach the server
   one after another, 1-3 ms apart on two busy cores, with the odd longer pause). A client's bursts
   tend to repeat their size (a training loop samples as many prompts at every step), so each
-  sampling client's last burst is remembered (`_ClientBurst`; a burst: the requests it sends from
-  having none in flight until it has none in flight again): while a waiting client has sent fewer
-  than last time, the burst waits for the rest, at most EXPECT_LIMIT × `gather_s` after its first
-  request. Otherwise (each has sent as many, or it is a client's first burst) it is gathered
+  client's last burst is remembered (`_ClientBurst`; a client: an SDK session, with every sampling
+  client it makes, such as the new one an RL loop makes at each step; a burst: the requests it
+  sends from having none in flight until it has none in flight again): while a waiting client has
+  sent fewer than last time, the burst waits for the rest, at most EXPECT_LIMIT × `gather_s` after
+  its first request. Otherwise (each has sent as many, or it is a client's first burst) it is gathered
   until no new request has come for `gather_s` (2 ms by default), at most GATHER_LIMIT ×
   `gather_s` after its first request (a lone request waits `gather_s`). When every replica is
   sampling, requests go at the next event-loop turn: an item that reaches a replica already
@@ -46,7 +47,7 @@ log = logging.getLogger("tinkercloud.scheduler")
 RETRY_WINDOW = 1024  # how many already-run seq_ids per model are remembered for retries
 GATHER_LIMIT = 5  # a sampling burst is gathered for at most this many times the quiet gap
 EXPECT_LIMIT = 20  # ... or, waiting for a client to send as many as in its last burst, this many
-CLIENTS_REMEMBERED = 4096  # sampling clients whose last burst size is kept (least recent dropped)
+CLIENTS_REMEMBERED = 4096  # sessions whose last sampling burst size is kept (least recent dropped)
 
 # When the HTTP request being handled reached its handler (time.time()); None outside a request.
 ARRIVED_AT: ContextVar[float | None] = ContextVar("tinkercloud_arrived_at", default=None)
@@ -68,7 +69,7 @@ class _Job:
     rejection: str | None = None  # set: fail in order with this user error instead of running
     arrived_at: float = 0.0  # the HTTP request reached its handler (time.time())
     submitted_at: float = 0.0  # the handler handed it to the scheduler
-    client: str | None = None  # the sampling client (session) that sent it
+    client: str | None = None  # the SDK session that sent it (sampling)
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Scheduler:
         return job.request_id
 
     def submit_sample(self, args: dict[str, Any], rows: int, encode: Encoder, client: str | None = None) -> str:
-        """Queue one sampling request of `client` (its sampling session) for the next batch."""
+        """Queue one sampling request of `client` (the SDK session that sent it) for the next batch."""
         job = self._new_job("sample", args, encode)
         job.client = client
         self._sent_by(client)

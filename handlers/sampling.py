@@ -125,7 +125,7 @@ async def asample(request: web.Request) -> web.Response:
         args.update(base_model=sampler.base_model, adapter=sampler.adapter)
         st.snapshots.used((sampler.adapter or {}).get("key"))
         rid = st.scheduler.submit_sample(args, rows, functools.partial(_encode_sample, target_layout=target_layout),
-                                         client=sampler.sampler_id)
+                                         client=sampler.session_id)
         tag = seq_id if seq_id is not None else rid
         reply = {"request_id": rid, "sample_sequence_ids": [f"{sampler.sampler_id}:{tag}:{i}" for i in range(rows)]}
         if seq_id is not None:

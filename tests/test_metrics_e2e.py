@@ -3,6 +3,7 @@ auth, and sampling requests that arrive together (or one after another, gathered
 one batch on the workers."""
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 
@@ -120,6 +121,7 @@ def test_a_burst_sent_request_by_request_is_gathered_into_one_batch(gathering_se
     params = [types.SamplingParams(max_tokens=3, seed=i, stop=[]) for i in range(8)]
     alone = [sampler.sample(p, 1, sp).result().sequences[0].tokens for p, sp in zip(prompts[:2], params[:2])]
     before = _ops(gathering_server)
+    gc.collect()  # this process's collector can pause it for over 100 ms: not in the middle of the burst
     futures = [sampler.sample(p, 1, sp) for p, sp in zip(prompts, params)]
     together = [f.result().sequences[0].tokens for f in futures]
     after = _ops(gathering_server)
@@ -129,9 +131,11 @@ def test_a_burst_sent_request_by_request_is_gathered_into_one_batch(gathering_se
 
 
 def test_a_clients_burst_waits_for_as_many_requests_as_its_last_one(gathering_server):
-    """A sampling client whose last burst had 4 requests pauses for 4 quiet gaps after its second:
-    the server waits for the other two (a client's bursts tend to repeat their size) and runs all
-    four as one batch, where the quiet gap alone would have started the first two by themselves."""
+    """A client whose last burst had 4 requests pauses for 4 quiet gaps after its second: the
+    server waits for the other two (a client's bursts tend to repeat their size) and runs all four
+    as one batch, where the quiet gap alone would have started the first two by themselves. The
+    client is the SDK session: the second burst comes from a new sampling client of it, as an RL
+    loop makes one at every step."""
     import time
 
     import tinker
@@ -142,7 +146,9 @@ def test_a_clients_burst_waits_for_as_many_requests_as_its_last_one(gathering_se
     params = types.SamplingParams(max_tokens=2, seed=0, stop=[])
     for f in [sampler.sample(p, 1, params) for p in prompts]:  # its first burst: 4 requests
         f.result()
+    sampler = service.create_sampling_client(base_model=QWEN).result()
     before = _ops(gathering_server)
+    gc.collect()  # as above
     futures = [sampler.sample(p, 1, params) for p in prompts[:2]]
     time.sleep(0.4)  # 4 x the server's 100 ms quiet gap
     futures += [sampler.sample(p, 1, params) for p in prompts[2:]]
