@@ -3,10 +3,12 @@
 Why: a decode step multiplies a few rows (one per sample) by every weight of the model. MKL's
 `torch.matmul` repacks the weight on each such call; with a model's weights cycling through the
 caches that made the base products about half of a CPU decode step. oneDNN's linear on a weight
-packed once runs the same products in 0.5-0.7 of the time (BENCHMARKS.md, finding 13), and it
-gives each row the same bits whatever the number of rows beside it, where MKL's small-row paths
-(1, 2, 9 rows, ...) round differently: a sampled row no longer depends on its batch mates even
-in the last bit.
+packed once runs the same products in 0.5-0.7 of the time (BENCHMARKS.md, finding 13), and in
+float32 it gives each row the same bits whatever the number of rows beside it, where MKL's
+small-row paths (1, 2, 9 rows, ...) round differently: a sampled row no longer depends on its
+batch mates even in the last bit. (Not so in bfloat16 on CPUs with AMX, whose kernels oneDNN picks
+by the row count: there a row's last bit can depend on its batch, as it does with MKL; bfloat16
+models make no such promise anyway, their LoRA products being float32 on MKL.)
 
 What: `pack_frozen_weights(lora, budget_bytes)` gives every LoRA-wrapped linear that computes its
 frozen base product itself (`LoraLinear.own_product`) a packed copy of that weight, while the
@@ -37,8 +39,8 @@ from typing import Iterator
 
 import torch
 
-# The row count oneDNN is told to expect when packing: a hint for its layout; the results are the
-# same bits for any row count (tests/test_packed_weights.py).
+# The row count oneDNN is told to expect when packing: a hint for its layout; in float32 the results
+# are the same bits for any row count (tests/test_packed_weights.py).
 _PACK_ROWS_HINT = 8
 
 # In a decode step, LoRA factors with at most this many elements (64 KB in float32) are multiplied
@@ -103,7 +105,12 @@ def decoding() -> bool:
 
 def rowwise(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight_t [in, out], each row its own one-row product (all in one batched call):
-    a row's bits never depend on how many rows are beside it, or where."""
+    a row's bits never depend on how many rows are beside it, or where. A lone row goes as a batch
+    of two (itself twice): with two threads on AVX-512/AMX CPUs a batch of one takes another kernel
+    than larger batches and rounds differently (rank-4 and rank-8 B products, 256 or 768 inputs)."""
     flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    if rows == 1:
+        flat = flat.expand(2, -1)
     out = torch.bmm(flat.unsqueeze(1), weight_t.expand(flat.shape[0], *weight_t.shape))
-    return out.view(*x.shape[:-1], weight_t.shape[1])
+    return out[:rows].view(*x.shape[:-1], weight_t.shape[1])
