@@ -651,7 +651,9 @@ def activation_bytes_per_token(model, recompute: str, lora_dtype: torch.dtype | 
     LoRA products in another dtype than the weights' (float32 beside bf16) also keep that copy of
     each wrapped linear's input. With the logits' 12 bytes this gave 11.8 MB a token for the 8B
     shape and 3.8 for the 0.6B one (bf16, float32 LoRA products), where the H100 measured about
-    11.7 and 3.9 (BENCHMARKS.md, GPU results)."""
+    11.7 and 3.9 (BENCHMARKS.md, GPU results). Since then the eager SwiGLU (`swiglu.py`) keeps one
+    ffn-wide tensor a layer less (about 1 MB a token for the 8B shape); the estimate still counts
+    it, which errs on the safe side until a GPU measures it again."""
     cfg = model.config
     tp = cfg.tensor_model_parallel_size
     if recompute == "full":

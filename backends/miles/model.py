@@ -24,6 +24,7 @@ from backends.miles.attention import SdpaAttention
 from backends.miles.fusions import check_kernels, compile_layer_spec, compile_layers, route_rope
 from backends.miles.hf_checkpoint import load_hf_weights, read_hf_config, transformer_config_from_hf
 from backends.miles.parallel import is_first_stage, is_last_stage, pp_size, tp_rank, tp_size
+from backends.miles.swiglu import use_swiglu
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def build_model(model_dir: str | Path, device: torch.device | str, dtype: torch.
     route_rope()
     if kernels == "compiled":
         compile_layer_spec(spec, config)
+    use_swiglu(spec, config)  # eager SwiGLU with one gradient buffer (not with the compiled one above)
     model = GPTModel(config, spec, vocab_size=padded_vocab, pre_process=is_first_stage(),
                      post_process=is_last_stage(), **gpt_kwargs)
     if random_weights:
