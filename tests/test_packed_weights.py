@@ -169,6 +169,24 @@ def test_a_row_gets_the_same_bits_beside_any_number_of_rows(model_run):
     assert model_run["rows_invariant_packed"] == {"None": [True] * 3, "snap": [True] * 3}
 
 
+def test_frozen_adapters_sample_through_merged_weights_with_the_same_tokens(model_run):
+    """W + scale * B A packed once per frozen adapter and layer: one product a row instead of three
+    and an add; the same tokens, logprobs to float rounding, and a row's bits beside any rows."""
+    assert model_run["merged_calls"] > 0 and model_run["merged_bytes"] > 0
+    assert model_run["merged_tokens_equal"]
+    assert model_run["merged_max_logprob_diff"] < 1e-4
+    assert model_run["rows_invariant_merged"] == [True] * 3
+    assert model_run["train_bitwise_equal_after_merging"]
+
+
+def test_merged_weights_keep_to_their_budget_and_go_with_their_adapter(model_run):
+    # copies pushed out by others are made again bit for bit; a layer too big for the budget
+    # keeps the unmerged products; removing the adapter frees its copies
+    assert model_run["evicted_same"] and model_run["evicted_bytes_within"]
+    assert model_run["unmergeable_same_tokens"]
+    assert model_run["merged_bytes_after_removal"] == 0
+
+
 def test_packing_keeps_to_its_budget(model_run):
     budget = model_run["budget"]
     assert 0 < model_run["budget_used"] <= budget
@@ -257,6 +275,44 @@ def _worker(out_path: str, model_dir: str) -> None:
         result["rows_invariant_packed"][str(adapter)] = [
             sample(prompts[:2], adapter)[0] == alone, sample(prompts[:9], adapter)[0] == alone,
             sample(prompts[:9], mixed[:9])[0] == alone]
+
+    # merged weights of frozen adapters (packed_weights.MergedCopies); until now the budget was 0
+    merges = lora.merged_copies
+    assert merges is not None and merges.used == 0
+    merged_calls = {"n": 0}
+    get = merges.get
+
+    def counted_get(factors, weight):
+        merged_calls["n"] += 1
+        return get(factors, weight)
+
+    merges.get = counted_get
+    merges.budget_bytes = 1 << 40
+    merged = sample(prompts[:3], "snap") + sample(prompts[:3], None, temperature=0.0)
+    result["merged_calls"] = merged_calls["n"]
+    result["merged_bytes"] = merges.used
+    result["merged_tokens_equal"] = [t for t, _ in merged] == [t for t, _ in packed]
+    result["merged_max_logprob_diff"] = max(abs(x - y) for (_, a), (_, b) in zip(merged, packed) for x, y in zip(a, b))
+    alone = sample(prompts[:1], "snap")[0]
+    mixed = ["snap"] + [None, "a", "snap"] * 3  # beside base rows, a trainable adapter's and its own
+    result["rows_invariant_merged"] = [sample(prompts[:2], "snap")[0] == alone, sample(prompts[:9], "snap")[0] == alone,
+                                       sample(prompts[:9], mixed[:9])[0] == alone]
+    result["train_bitwise_equal_after_merging"] = all(torch.equal(a, b) for a, b in zip(train_before, train_numbers()))
+    # a budget of one layer's copy: every layer's copy pushes out the one before, and is made again
+    largest = max(m.packed[0].numel() * m.packed[0].element_size() for m in lora.modules.values() if m.packed is not None)
+    merges.budget_bytes = largest
+    result["evicted_same"] = sample(prompts[:3], "snap") == merged[:3]
+    result["evicted_bytes_within"] = 0 < merges.used <= largest
+    merges.budget_bytes = largest - 1  # the largest layer no longer merges, and samples as before it did
+    result["unmergeable_same_tokens"] = [t for t, _ in sample(prompts[:3], "snap")] == [t for t, _ in merged[:3]]
+    merges.budget_bytes = 1 << 40
+    sample(prompts[:3], "snap")
+    lora.remove_adapter("snap")
+    lora.remove_adapter("read_mid_batch")
+    import gc
+
+    gc.collect()
+    result["merged_bytes_after_removal"] = merges.used
 
     for module in lora.modules.values():
         module.packed = None

@@ -641,6 +641,8 @@ def pack_sampler_weights(loras: list[LoraManager], device: torch.device) -> list
     for lora in loras:
         used.append(pack_frozen_weights(lora, budget))
         budget -= used[-1]
+    for lora in loras:  # what is left is the snapshots' merged weights', evenly (`MergedCopies`)
+        lora.merged_copies.budget_bytes = budget // len(loras)
     return used
 
 

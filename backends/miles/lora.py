@@ -85,6 +85,8 @@ class LoraFactors(nn.Module):
                              persistent=False)
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # A and B for the sampler: `packed`
         self._transposed: list[torch.Tensor | None] = [None, None]  # A^T and B^T for the sampler: `transposed`
+        self._merged: torch.Tensor | None = None  # W + scale * B A for the sampler (`packed_weights.MergedCopies`)
+        self._merged_bytes = 0
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of a frozen adapter in oneDNN's layout for the sampler's products
@@ -152,6 +154,8 @@ class LoraLinear(nn.Module):
         self.compute_dtype = FACTOR_DTYPE  # the LoRA products' dtype (LoraManager's compute_dtype)
         # (the frozen weight, its oneDNN-packed copy), for the sampler's products on CPU: `packed_weights`
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the sampler's merged weights of frozen adapters on this layer, shared by the model's layers
+        self.merges: packed_weights.MergedCopies | None = None
         self.adapters: dict[str, LoraFactors] = {}  # not registered: the model's own state stays the base
         # Set by `LoraManager.route`: the adapters of this layer that apply, each with its batch rows
         # (None: all), and the batch size the routing was made for (None: any).
@@ -217,6 +221,8 @@ class LoraLinear(nn.Module):
         active = self._active_adapters(input_)
         if not active:
             return self._base(input_, *args, **kwargs)
+        if self._samples_merged(input_, active, kwargs.get("weight", args[0] if args else None)):
+            return self._merged_forward(input_, active), None
         if self.column_parallel:
             return self._column_forward(input_, active, *args, **kwargs)
         output, bias = self._base(input_, *args, **kwargs)
@@ -299,6 +305,35 @@ class LoraLinear(nn.Module):
         return (self.packed is not None and x.dtype == dtype and not torch.compiler.is_compiling()
                 and torch.is_inference_mode_enabled())
 
+    def _samples_merged(self, x: torch.Tensor, active, weight: torch.Tensor | None = None) -> bool:
+        """Whether the sampler multiplies this layer's rows of frozen adapters by merged weights,
+        W + scale * B A packed once per adapter (`packed_weights.MergedCopies`), instead of
+        W x + scale * B (A x): in the sampler of a float32 layer with packed weights at tp=1, when a
+        frozen adapter is in the batch and the layer's merged copy fits the model's merge budget.
+        One product a row instead of three and an add: a quarter of a CPU sampling round of
+        skyrl-tiny (BENCHMARKS.md, finding 16)."""
+        if (self.merges is None or self.tp != 1 or not self._samples_packed(x, FACTOR_DTYPE)
+                or not self.merges.fits(self.packed[0]) or (weight is not None and weight is not self.packed[0])):
+            return False  # (`weight`: the one a tied output layer is handed, which must be the packed one)
+        return any(not factors.lora_A.requires_grad for factors, _ in active)
+
+    def _merged_forward(self, x: torch.Tensor, active) -> torch.Tensor:
+        """A frozen adapter's rows times its merged weights, the base model's rows times the base
+        weights, each on oneDNN's packed copy, whose float32 rows do not depend on their batch
+        mates, so a row's bits do not either; a trainable adapter's rows (sampled while training)
+        get W x + scale * B (A x) as elsewhere."""
+        weight = self.packed[0]
+        if len(active) == 1 and active[0][1] is None:  # one frozen adapter for every row
+            return packed_weights.linear(x, self.merges.get(active[0][0], weight))
+        output = packed_weights.linear(x, self.packed[1])  # the base rows' (the others' are replaced)
+        for factors, rows in active:
+            if factors.lora_A.requires_grad:
+                output = self._add_up(output, rows, self._down(x, rows, factors), factors)
+            else:
+                merged = packed_weights.linear(_rows(x, rows), self.merges.get(factors, weight))
+                output = output.index_copy(1, rows, merged)
+        return output
+
     def _samples_packed_factors(self, x: torch.Tensor, factors: LoraFactors) -> bool:
         """Whether the LoRA product of `x` with these factors runs on their packed copies
         (`LoraFactors.packed`): as `_samples_packed`, for a frozen adapter."""
@@ -362,6 +397,7 @@ class LoraManager:
         if not self.modules:
             raise ValueError("no LoRA target layers found (is the model already wrapped?)")
         self.all_paths = _every_stage(list(self.modules))  # the wrapped layers of every pipeline stage
+        self.merged_copies: packed_weights.MergedCopies | None = None  # set by packed_weights.pack_frozen_weights
         self._adapters: dict[str, AdapterConfig] = {}
         self._routing_active = False
 

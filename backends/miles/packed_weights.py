@@ -23,6 +23,15 @@ layers at tp > 1 (megatron-core computes those), and adapters sampled while trai
 match `torch.matmul` to float rounding (the same products summed in another order). CPU float32
 and, where the CPU has bfloat16 instructions, bfloat16 weights only; elsewhere nothing is packed.
 
+A frozen adapter (a sampler snapshot) of a float32 model goes further: its rows are multiplied by
+merged weights, W + scale * B A packed once per adapter and layer (`MergedCopies`, in what is left
+of the packing budget, least recently used first out, made again bit for bit after being dropped),
+one product instead of W x, A x, B h and an add: about a quarter of a CPU sampling round of
+skyrl-tiny (BENCHMARKS.md, finding 16). Logprobs then differ from the separate products by float
+rounding (W + scale * B A is rounded once), and a row's bits still do not depend on its batch
+mates: each adapter's rows are one product of their own (`LoraLinear._merged_forward`). Only at
+tp=1; a trainable adapter's rows, and a layer too big for the merge budget, keep what follows.
+
 A decode step's LoRA products are a few rows by a rank-r factor, where a oneDNN call costs several
 times the arithmetic. So inside `decode_step()` (the sampler's decode steps, not its prefills) a
 factor of at most ROWWISE_MAX_ELEMENTS runs `rowwise`: one small product per row, batched in one
@@ -34,6 +43,8 @@ time (BENCHMARKS.md, finding 14).
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections import OrderedDict
 from contextvars import ContextVar
 from typing import Iterator
 
@@ -69,12 +80,15 @@ def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-def pack_frozen_weights(lora, budget_bytes: int) -> int:
+def pack_frozen_weights(lora, budget_bytes: int, merge_budget_bytes: int = 0) -> int:
     """Pack the frozen weight of each layer of `lora` (a `LoraManager`) whose base product it
     computes itself, in layer order, while the copies fit in `budget_bytes`; returns the bytes
-    packed (0 on GPUs, for other dtypes, or when nothing fits)."""
+    packed (0 on GPUs, for other dtypes, or when nothing fits). The packed layers share one
+    `MergedCopies` of `merge_budget_bytes` for their frozen adapters' merged weights
+    (`lora.merged_copies`; its budget can be set later)."""
     model = lora.model
     used = 0
+    merges = lora.merged_copies = MergedCopies(merge_budget_bytes)
     for module in lora.modules.values():
         # a tied output layer has no weight of its own: the sampler hands it the embedding's
         weight = module.base.weight if module.base.weight is not None else model.shared_embedding_or_output_weight()
@@ -84,8 +98,56 @@ def pack_frozen_weights(lora, budget_bytes: int) -> int:
         if used + size > budget_bytes:
             break
         module.packed = (weight, pack(weight))
+        module.merges = merges
         used += size
     return used
+
+
+class MergedCopies:
+    """The sampler's merged weights of frozen adapters, W + scale * B A packed for oneDNN, one per
+    (adapter, layer), made at first use and kept within `budget_bytes`, least recently used first
+    out. A layer whose merged copy alone would not fit never merges (`fits`), whatever else is
+    kept, so whether a layer merges depends on its size only; a copy dropped to make room is made
+    again, bit for bit the same, at its next use. A copy lives on its `LoraFactors` and goes with
+    it (its bytes with it)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used = 0
+        self._kept: "OrderedDict[int, weakref.ref]" = OrderedDict()  # id(factors) -> factors, oldest first
+
+    def fits(self, weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.float32 and weight.numel() * weight.element_size() <= self.budget_bytes
+
+    def get(self, factors, weight: torch.Tensor) -> torch.Tensor:
+        """The packed W + scale * B A of `factors` (frozen) on the layer of frozen weight `weight`."""
+        key = id(factors)
+        if factors._merged is not None:
+            self._kept.move_to_end(key)
+            self._make_room(0)  # the budget may have shrunk since
+            return factors._merged
+        size = weight.numel() * weight.element_size()
+        self._make_room(size)
+        with torch.no_grad():
+            merged = torch.addmm(weight.detach(), factors.lora_B.detach(), factors.lora_A.detach(), alpha=factors.scale)
+        factors._merged, factors._merged_bytes = pack(merged), size
+        self.used += size
+        self._kept[key] = weakref.ref(factors, lambda _, key=key, size=size: self._forget(key, size))
+        return factors._merged
+
+    def _make_room(self, size: int) -> None:
+        """Drop the least recently used copies until `size` more bytes fit (never the newest one,
+        which the caller is about to use)."""
+        while len(self._kept) > (0 if size else 1) and self.used + size > self.budget_bytes:
+            _, ref = self._kept.popitem(last=False)
+            old = ref()
+            if old is not None and old._merged is not None:
+                old._merged = None
+                self.used -= old._merged_bytes
+
+    def _forget(self, key: int, size: int) -> None:
+        if self._kept.pop(key, None) is not None:
+            self.used -= size
 
 
 @contextlib.contextmanager
