@@ -80,15 +80,15 @@ def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-def pack_frozen_weights(lora, budget_bytes: int, merge_budget_bytes: int = 0) -> int:
+def pack_frozen_weights(lora, budget_bytes: int) -> int:
     """Pack the frozen weight of each layer of `lora` (a `LoraManager`) whose base product it
     computes itself, in layer order, while the copies fit in `budget_bytes`; returns the bytes
     packed (0 on GPUs, for other dtypes, or when nothing fits). The packed layers share one
-    `MergedCopies` of `merge_budget_bytes` for their frozen adapters' merged weights
-    (`lora.merged_copies`; its budget can be set later)."""
+    `MergedCopies` for their frozen adapters' merged weights (`lora.merged_copies`), of budget 0
+    until the caller gives it what is left (`backend.pack_sampler_weights`)."""
     model = lora.model
     used = 0
-    merges = lora.merged_copies = MergedCopies(merge_budget_bytes)
+    merges = lora.merged_copies = MergedCopies(0)
     for module in lora.modules.values():
         # a tied output layer has no weight of its own: the sampler hands it the embedding's
         weight = module.base.weight if module.base.weight is not None else model.shared_embedding_or_output_weight()
